@@ -1,0 +1,313 @@
+"""Reusable layers of Normalizer-Free Networks, exact to DeepMind's official code.
+
+Mirrors ``nfnets/base.py`` of google-deepmind/deepmind-research (see
+``shared/reference/official.md`` §2.6–§2.12). Layers know nothing about models.
+
+Two deliberate implementation choices keep the maths of the official code but do less work:
+
+* The constant factors that the official code multiplies into activations (the activation
+  gamma and the block's beta) are folded into the *next* convolution's weight scale
+  (``WSConv2d(input_scale=...)``): conv(c·a, ŵ) = conv(a, c·ŵ) because convolution, zero
+  padding and average pooling are linear. This saves one full pass over every activation.
+* Scaled weight standardisation is one ``var_mean`` reduction plus one ``addcmul`` over the
+  weight; in eval mode without autograd the standardised weight is cached until a parameter
+  changes (``WSConv2d.fuse`` turns it into a plain conv for deployment).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ACTIVATION_GAMMAS",
+    "GammaAct",
+    "SqueezeExcite",
+    "StochasticDepth",
+    "WSConv2d",
+    "activation_fn",
+    "avg_pool_same",
+    "conv2d_same",
+    "max_pool_same",
+    "pad_same",
+    "same_padding",
+]
+
+# Gamma of each nonlinearity: f(x)·γ has unit variance for x ~ N(0, 1). These are the constants
+# of the official code (nfnets/base.py `nonlinearities`), which are slightly above the paper's
+# analytic values (paper §3 gives sqrt(2/(1-1/π)) = 1.712859 for ReLU; the code uses 1.7139589).
+# The code wins: the released weights were trained with it. 'identity' has no gamma.
+ACTIVATION_GAMMAS: dict[str, float] = {
+    "identity": 1.0,
+    "celu": 1.270926833152771,
+    "elu": 1.2716004848480225,
+    "gelu": 1.7015043497085571,
+    "glu": 1.8484294414520264,
+    "leaky_relu": 1.70590341091156,
+    "log_sigmoid": 1.9193484783172607,
+    "log_softmax": 1.0002083778381348,
+    "relu": 1.7139588594436646,
+    "relu6": 1.7131484746932983,
+    "selu": 1.0008515119552612,
+    "sigmoid": 4.803835391998291,
+    "silu": 1.7881293296813965,
+    "soft_sign": 2.338853120803833,
+    "softplus": 1.9203323125839233,
+    "tanh": 1.5939117670059204,
+}
+
+# JAX semantics of each function, on NCHW tensors (channel-wise ops use dim 1, which is the
+# last axis of the official NHWC tensors). jax.nn.gelu defaults to the tanh approximation,
+# jax.nn.leaky_relu to slope 0.01, jax.nn.celu/elu to alpha 1.
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "celu": F.celu,
+    "elu": F.elu,
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+    "glu": lambda x: F.glu(x, dim=1),
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "log_sigmoid": F.logsigmoid,
+    "log_softmax": lambda x: F.log_softmax(x, dim=1),
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "selu": F.selu,
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+    "soft_sign": F.softsign,
+    "softplus": F.softplus,
+    "tanh": torch.tanh,
+}
+
+
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The plain (un-scaled) nonlinearity called ``name`` in the official table."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}"
+        ) from None
+
+
+class GammaAct(nn.Module):
+    """Gamma-scaled nonlinearity f(x)·γ with the official γ for ``name``."""
+
+    def __init__(self, name: str = "gelu") -> None:
+        super().__init__()
+        self.name = name
+        self.fn = activation_fn(name)
+        self.gamma = ACTIVATION_GAMMAS[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) * self.gamma
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, gamma={self.gamma}"
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'SAME' padding (before, after) of one spatial dim; the extra pixel goes after.
+
+    official.md §2.12: out = ceil(n/s); total = max((out-1)·s + k - n, 0); before = total // 2.
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+             value: float = 0.0) -> torch.Tensor:
+    """Pad an NCHW tensor as TensorFlow's 'SAME' would before a (kernel, stride) window op."""
+    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0])
+    left, right = same_padding(x.shape[-1], kernel[1], stride[1])
+    if top == bottom == left == right == 0:
+        return x
+    return F.pad(x, (left, right, top, bottom), value=value)
+
+
+def avg_pool_same(x: torch.Tensor) -> torch.Tensor:
+    """2×2 stride-2 average pool with 'SAME' padding that excludes the padding from the count.
+
+    Haiku's SAME average pool divides each window by its number of valid pixels. Padding is
+    only ever needed after the last row/column (odd sizes); ``ceil_mode`` makes PyTorch clip
+    that last window and divide by its clipped size, which is the same thing without a pad.
+    """
+    return F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
+
+
+def max_pool_same(x: torch.Tensor) -> torch.Tensor:
+    """3×3 stride-2 max pool with TF 'SAME' padding (padded with -inf), as NF-ResNet's stem."""
+    return F.max_pool2d(pad_same(x, (3, 3), (2, 2), value=-math.inf), 3, 2)
+
+
+def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stride: tuple[int, int], groups: int) -> torch.Tensor:
+    """conv2d with TF 'SAME' padding; pads explicitly only when the padding is asymmetric.
+
+    Symmetric cases (every stride-1 conv, stride-2 convs on odd sizes) use the conv's own
+    padding argument, so no padded copy of the input is made.
+    """
+    kh, kw = weight.shape[-2:]
+    top, bottom = same_padding(x.shape[-2], kh, stride[0])
+    left, right = same_padding(x.shape[-1], kw, stride[1])
+    if top == bottom and left == right:
+        return F.conv2d(x, weight, bias, stride, (top, left), 1, groups)
+    x = F.pad(x, (left, right, top, bottom))
+    return F.conv2d(x, weight, bias, stride, 0, 1, groups)
+
+
+class WSConv2d(nn.Conv2d):
+    """Conv2d with Scaled Weight Standardisation, a learned gain and a bias (official WSConv2D).
+
+    For each output channel o, with fan_in N = in/groups · kh · kw and the population
+    (ddof 0) mean and variance of its weights:
+
+        ŵ_o = (w_o - mean_o) · gain_o · input_scale / sqrt(max(N · var_o, eps))
+
+    ``eps`` (1e-4) is a floor on N·var, not an addend (nfnets/base.py). The bias is always
+    present. ``input_scale`` is a constant the official code multiplies into this conv's input
+    (the previous activation's gamma, the block's beta); folding it into ŵ is exact.
+    Padding is TensorFlow 'SAME'. Weights are initialised N(0, 1/fan_in), gains 1, biases 0.
+
+    In eval mode with autograd off, ŵ is cached and recomputed only when the weight or gain
+    changes (tracked by their version counters) or the module returns to training.
+    Parameters changed through ``.data`` bypass the version counters: call ``clear_cache()``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        input_scale: float = 1.0,
+        eps: float = 1e-4,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
+                         padding=0, groups=groups, bias=True)
+        # gain is created after nn.Conv2d.__init__ (which calls reset_parameters) and
+        # starts at 1, as in the official code.
+        self.gain = nn.Parameter(torch.ones(out_channels))
+        self.input_scale = float(input_scale)
+        self.eps = eps
+        self.fan_in = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
+        self._cache: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
+
+    def reset_parameters(self) -> None:
+        """N(0, 1/fan_in) weights (Haiku VarianceScaling(1, fan_in, normal)), zero bias."""
+        fan_in = self.weight[0].numel()
+        nn.init.normal_(self.weight, 0.0, fan_in ** -0.5)
+        nn.init.zeros_(self.bias)
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The effective conv weight ŵ (gain and input_scale included), with autograd."""
+        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), unbiased=False, keepdim=True)
+        scale = torch.rsqrt(torch.clamp(var * self.fan_in, min=self.eps))
+        scale = scale * (self.gain * self.input_scale).view(-1, 1, 1, 1)
+        # ŵ = w·scale - mean·scale in one pass over the weight
+        return torch.addcmul(-mean * scale, self.weight, scale)
+
+    def clear_cache(self) -> None:
+        """Drop the cached eval-mode weight."""
+        self._cache = None
+        self._cache_key = None
+
+    def train(self, mode: bool = True) -> WSConv2d:
+        self.clear_cache()
+        return super().train(mode)
+
+    def _weight(self) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.standardized_weight()
+        w, g = self.weight, self.gain
+        key = (w._version, g._version, w.data_ptr(), g.data_ptr(), w.dtype, w.device)
+        if key != self._cache_key:
+            self._cache = self.standardized_weight()
+            self._cache_key = key
+        return self._cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d_same(x, self._weight(), self.bias, self.stride, self.groups)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        """A plain nn.Conv2d with ŵ baked in (for inference and export; SAME pad kept)."""
+        conv = _SamePadConv2d(self.in_channels, self.out_channels, self.kernel_size,
+                              self.stride, self.groups, device=self.weight.device,
+                              dtype=self.weight.dtype)
+        conv.weight.copy_(self.standardized_weight())
+        conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", input_scale={self.input_scale:.6g}, eps={self.eps}"
+
+
+class _SamePadConv2d(nn.Conv2d):
+    """Plain conv with TF 'SAME' padding: the result of ``WSConv2d.fuse``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                 stride: tuple[int, int], groups: int, **factory) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0,
+                         groups=groups, bias=True, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d_same(x, self.weight, self.bias, self.stride, self.groups)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excite gate of the official code: returns 2·sigmoid(fc1(relu(fc0(mean))))).
+
+    The hidden width is max(1, int(channels · ratio)). The hidden nonlinearity is a plain ReLU
+    without gamma: the paper (App. C) says GELU, the official code (nfnets/base.py) passes none
+    and so uses its ReLU default — the code wins, the released weights were trained with it.
+    The ×2 of the official blocks is part of the returned gate. The Linears are not
+    weight-standardised and start as Haiku's default: truncated normal with stddev parameter
+    1/sqrt(fan_in) cut at ±2 stddev, zero bias.
+    """
+
+    def __init__(self, channels: int, ratio: float = 0.5, out_channels: int | None = None
+                 ) -> None:
+        super().__init__()
+        hidden = max(1, int(channels * ratio))
+        self.fc0 = nn.Linear(channels, hidden)
+        self.fc1 = nn.Linear(hidden, out_channels or channels)
+        for fc in (self.fc0, self.fc1):
+            std = fc.in_features ** -0.5
+            nn.init.trunc_normal_(fc.weight, 0.0, std, -2 * std, 2 * std)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate of shape (B, C, 1, 1) for an input of shape (B, C, H, W)."""
+        h = self.fc1(F.relu(self.fc0(x.mean((2, 3)))))
+        return (2.0 * torch.sigmoid(h))[:, :, None, None]
+
+
+class StochasticDepth(nn.Module):
+    """Per-sample drop of a residual branch, without 1/keep rescaling (official StochDepth).
+
+    In training each sample's branch is kept with probability 1 - rate (mask = floor(keep + u),
+    u ~ U[0, 1)); the official blocks keep ``scale_by_keep=False``, so train and eval
+    expectations differ by the factor keep. Identity in eval mode.
+    """
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"stochastic depth rate must be in [0, 1), got {rate}")
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        u = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype)
+        return x * torch.floor(1.0 - self.rate + u)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:.6g}"
