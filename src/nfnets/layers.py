@@ -279,14 +279,30 @@ class SqueezeExcite(nn.Module):
         self.fc0 = nn.Linear(channels, hidden)
         self.fc1 = nn.Linear(hidden, out_channels or channels)
         for fc in (self.fc0, self.fc1):
-            std = fc.in_features ** -0.5
-            nn.init.trunc_normal_(fc.weight, 0.0, std, -2 * std, 2 * std)
+            _truncated_normal_(fc.weight, fc.in_features ** -0.5)
             nn.init.zeros_(fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate of shape (B, C, 1, 1) for an input of shape (B, C, H, W)."""
         h = self.fc1(F.relu(self.fc0(x.mean((2, 3)))))
         return (2.0 * torch.sigmoid(h))[:, :, None, None]
+
+
+@torch.no_grad()
+def _truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """N(0, std²) cut at ±2·std by resampling, without variance correction (as Haiku's).
+
+    Rejection sampling: torch.nn.init.trunc_normal_ is ~50× slower on CPU (erfinv).
+    """
+    if tensor.device.type == "meta":
+        return tensor
+    tensor.normal_()
+    outside = tensor.abs() > 2
+    while outside.any():
+        tensor[outside] = torch.randn(int(outside.sum()), dtype=tensor.dtype,
+                                      device=tensor.device)
+        outside = tensor.abs() > 2
+    return tensor.mul_(std)
 
 
 class StochasticDepth(nn.Module):

@@ -34,7 +34,8 @@ NFNET_VARIANTS: dict[str, NFNetVariant] = {
 }
 # The '+' variants are the base rows with wider stages (nfnets/base.py; paper App. A.5).
 NFNET_VARIANTS.update({
-    f"{key}+": replace(row, widths=(384, 768, 2048, 2048)) for key, row in list(NFNET_VARIANTS.items())
+    f"{key}+": replace(row, widths=(384, 768, 2048, 2048))
+    for key, row in list(NFNET_VARIANTS.items())
 })
 
 
