@@ -4,16 +4,41 @@ Models (NFNet F0–F7, F0+–F7+, NF-ResNet, NF-RegNet), Adaptive Gradient Clipp
 paper's training recipe (Brock et al. 2021, arXiv 2102.06171 and 2101.08692).
 """
 
+from .agc import AGC, ClipStats, adaptive_clip_grad_
 from .counting import count_flops, count_params
 from .models import create_model, list_models, model_defaults, signal_metrics
+from .optim import (
+    EMA,
+    optimizer_step,
+    param_groups,
+    peak_lr,
+    sgd_agc,
+    warmup_cosine,
+    warmup_cosine_lr,
+)
+from .weights import convert_official, load_pretrained, load_weights, save_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
+    "EMA",
+    "ClipStats",
+    "adaptive_clip_grad_",
+    "convert_official",
     "count_flops",
     "count_params",
     "create_model",
     "list_models",
+    "load_pretrained",
+    "load_weights",
     "model_defaults",
+    "optimizer_step",
+    "param_groups",
+    "peak_lr",
+    "save_weights",
+    "sgd_agc",
     "signal_metrics",
+    "warmup_cosine",
+    "warmup_cosine_lr",
 ]
