@@ -177,3 +177,12 @@ def test_folder_training_fine_tuned_from_a_digits_run(tmp_path, capsys):
     # the body started from the digits run, not from scratch (one epoch moves it only a bit)
     delta = (model.stem.conv0.weight - digits.stem.conv0.weight).norm()
     assert delta < 0.5 * digits.stem.conv0.weight.norm()
+
+
+@pytest.mark.slow
+def test_the_readme_demo_reaches_97_percent(tmp_path, capsys):
+    # `nfnets train` with no arguments: the bundled digits, the documented scaled-down F0.
+    assert run(["--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["val_top1"] >= 97.0 and summary["val_top1_ema"] >= 97.0
+    assert "plots:" in capsys.readouterr().out

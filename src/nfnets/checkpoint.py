@@ -11,42 +11,15 @@ import contextlib
 import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .files import atomic_write
 from .weights import CheckpointError
 
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``: all or nothing.
-
-    An interrupted write leaves any previous file at ``path`` intact and no temp file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
@@ -69,6 +42,7 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, step: i
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     path = checkpoint_path(directory, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     for old in list_checkpoints(directory)[:-keep]:
         with contextlib.suppress(FileNotFoundError):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import AugmentConfig
-from .checkpoint import atomic_write, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .cli import RunFailed, UsageError
 from .data import (
     digits_datasets,
@@ -41,6 +41,7 @@ from .data import (
     imagenet_datasets,
     train_loader,
 )
+from .files import atomic_write
 from .models import create_model, model_defaults
 from .optim import EMA, optimizer_step, peak_lr, sgd_agc, warmup_cosine_lr
 from .weights import load_pretrained, save_weights
@@ -53,7 +54,7 @@ DIGITS_MODEL = "nfnet_f0"
 DIGITS_MODEL_ARGS = {"widths": [32, 64, 128, 128], "depths": [1, 1, 1, 1], "group_width": 16}
 DIGITS_IMAGE_SIZE = 32
 # Short-run settings of the demo (the ImageNet recipe's values are in TrainConfig's defaults).
-DIGITS_OVERRIDES = {"epochs": 30, "batch_size": 64, "lr": 0.2, "warmup_epochs": 2.0,
+DIGITS_OVERRIDES = {"epochs": 15, "batch_size": 64, "lr": 0.2, "warmup_epochs": 2.0,
                     "augment": "none", "drop_rate": 0.0, "stochdepth_rate": 0.0}
 DIGITS_MODEL_CHANGES = {
     "model": "NFNet-F0 scaled down: widths 32/64/128/128 (F0: 256/512/1536/1536), depths "

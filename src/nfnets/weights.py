@@ -12,14 +12,12 @@ Our own format is safetensors with metadata ``{"format": "nfnets", "model_name":
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import json
 import os
 import pickle
 import re
-import secrets
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -32,6 +30,8 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import nn
+
+from .files import atomic_write
 
 __all__ = [
     "OFFICIAL_RELEASES",
@@ -585,26 +585,9 @@ def _model_metadata(model: nn.Module, extra: Mapping[str, Any] | None) -> dict[s
 
 def _write_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                        path: PathLike) -> None:
-    """Write atomically: a temp file in the same directory, fsync, then os.replace."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory does not exist: {path.parent}")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        safetensors.torch.save_file(dict(tensors), tmp, metadata=dict(metadata))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Write a safetensors file atomically (see ``nfnets.files.atomic_write``)."""
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(dict(tensors), tmp,
+                                                               metadata=dict(metadata)))
 
 
 def save_weights(model: nn.Module, path: PathLike,
