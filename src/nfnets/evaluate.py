@@ -42,9 +42,9 @@ from .data import (
 from .models import create_model, model_defaults
 from .weights import (
     CheckpointError,
-    _official_model_kwargs,
     detect_variant,
     load_weights,
+    official_model_kwargs,
     official_to_state_dict,
     read_official_checkpoint,
     read_weights_metadata,
@@ -204,7 +204,7 @@ def _load_official(path: Path, model_name: str | None, ema: bool
         _check_name(detected, model_name, path)
     name = model_name or detected
     try:
-        model = create_model(name, **_official_model_kwargs(family, state_dict))
+        model = create_model(name, **official_model_kwargs(family, state_dict))
     except ValueError as err:
         raise UsageError(str(err)) from None
     _load_state(model, state_dict, path)

@@ -43,6 +43,7 @@ __all__ = [
     "file_md5",
     "load_pretrained",
     "load_weights",
+    "official_model_kwargs",
     "official_to_state_dict",
     "read_official_checkpoint",
     "read_weights_metadata",
@@ -733,7 +734,7 @@ def load_pretrained(model: nn.Module, path: PathLike, *,
     return model
 
 
-def _official_model_kwargs(family: str, state_dict: Mapping[str, torch.Tensor]
+def official_model_kwargs(family: str, state_dict: Mapping[str, torch.Tensor]
                            ) -> dict[str, Any]:
     """The create_model options an official file implies beyond its variant name."""
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
@@ -763,7 +764,7 @@ def convert_official(src: PathLike, dst: PathLike, model_name: str | None = None
     # Shapes are all the check needs: build on the meta device (no memory, no init cost).
     with torch.device("meta"):
         model = create_model(model_name or detected,
-                             **_official_model_kwargs(family, state_dict))
+                             **official_model_kwargs(family, state_dict))
     if detected is not None and model.model_name != detected:
         raise CheckpointError(f"{src} holds {detected} weights, not {model.model_name}")
     _check_fits(model, state_dict, src, {}, skip_classifier=False)
