@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from official_format import to_official
 from PIL import Image
 
 import nfnets
@@ -261,44 +262,12 @@ def test_training_checkpoint_file(tmp_path):
         load_inference_model(path, ema=True)
 
 
-# The official file: our state dict written back in DeepMind's layout (checkpoint-format.md
-# §4-§6), independently of nfnets.weights.
-_OFFICIAL_MODULES = {"stem.conv": "initial_conv", "final_conv": "final_conv", "fc": "linear",
-                     "se.fc0": "squeeze_excite/~/linear", "se.fc1": "squeeze_excite/~/linear_1"}
-
-
-def _official_path(module: str) -> str:
-    if module.startswith("blocks."):
-        _, index, *rest = module.split(".", 2)
-        block = "nf_block" + (f"_{index}" if index != "0" else "")
-        sub = ".".join(rest)
-        return f"NF_RegNet/~/{block}" + (f"/~/{_OFFICIAL_MODULES.get(sub, sub)}" if sub else "")
-    return f"NF_RegNet/~/{_OFFICIAL_MODULES[module]}"
-
-
-def official_tree(shapes: dict[str, tuple[int, ...]], seed: int = 0):
-    """Random float32 arrays in the official names and layouts for our key -> shape."""
-    rng = np.random.default_rng(seed)
-    tree: dict[str, dict[str, np.ndarray]] = {}
-    for key, shape in shapes.items():
-        module, param = key.rsplit(".", 1)
-        value = rng.standard_normal(shape).astype(np.float32)
-        if param == "weight":
-            name = "w"
-            value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T  # HWIO, (in, out)
-        elif param == "bias":
-            name = "b" if len(shapes[f"{module}.weight"]) == 2 else "bias"
-        else:
-            name = param
-        tree.setdefault(_official_path(module), {})[name] = np.ascontiguousarray(value)
-    return tree
-
-
 def test_official_checkpoint(tmp_path):
     with torch.device("meta"):  # only the shapes: building the real B0 twice would be slow
         reference = nfnets.create_model("nf_regnet_b0")
-    shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    tree = official_tree(shapes)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in reference.state_dict().items()}
+    tree = to_official(state, "nf_regnet")
     path = tmp_path / "B0_haiku.npz"
     path.write_bytes(pickle.dumps(tree, protocol=3))  # plain dicts: allowed by the format
     model, info = load_inference_model(path)
