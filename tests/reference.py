@@ -72,14 +72,17 @@ def se(module, x: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(h)[:, :, None, None]
 
 
+def pooled_shortcut(block, x, out):
+    if block.stride > 1:
+        return ws_conv(block.conv_shortcut, avg_pool(out))
+    if block.conv_shortcut is not None:
+        return ws_conv(block.conv_shortcut, out)
+    return x
+
+
 def nfnet_block(block, x, name, beta, alpha):
     out = act(name, x) * beta
-    if block.stride > 1:
-        shortcut = ws_conv(block.conv_shortcut, avg_pool(out))
-    elif block.conv_shortcut is not None:
-        shortcut = ws_conv(block.conv_shortcut, out)
-    else:
-        shortcut = x
+    shortcut = pooled_shortcut(block, x, out)
     out = ws_conv(block.conv0, out)
     out = ws_conv(block.conv1, act(name, out))
     if block.conv1b is not None:
@@ -102,12 +105,7 @@ def resnet_block(block, x, name, beta, alpha):
 
 def regnet_block(block, x, name, beta, alpha):
     out = act(name, x) * beta
-    if block.stride > 1:
-        shortcut = ws_conv(block.conv_shortcut, avg_pool(out))
-    elif block.conv_shortcut is not None:
-        shortcut = ws_conv(block.conv_shortcut, out)
-    else:
-        shortcut = x
+    shortcut = pooled_shortcut(block, x, out)
     out = ws_conv(block.conv0, out)
     out = ws_conv(block.conv1, act(name, out))
     out = 2 * se(block.se, out) * out

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import ACTIVATION_GAMMAS, GammaAct, StochasticDepth, WSConv2d, activation_fn
+from ..layers import (
+    ACTIVATION_GAMMAS,
+    GammaAct,
+    StochasticDepth,
+    WSConv2d,
+    activation_fn,
+    avg_pool_same,
+)
 
 
 def conv_flops(conv: WSConv2d, h: float, w: float) -> float:
@@ -42,6 +49,16 @@ def stage_schedule(depths: list[int], alpha: float, stochdepth_rate: float
                 expected_std = 1.0
             expected_std = (expected_std**2 + alpha**2) ** 0.5
     return schedule
+
+
+def pooled_shortcut(x: torch.Tensor, h: torch.Tensor, stride: int,
+                    conv: WSConv2d | None) -> torch.Tensor:
+    """Shortcut of NFNet and NF-RegNet blocks (official NFBlock): on strided blocks a 2×2
+    'SAME' average pool of h = act(x)·β and then ``conv``; ``conv(h)`` when only the width
+    changes; otherwise the raw input x."""
+    if stride > 1:
+        return conv(avg_pool_same(h))
+    return x if conv is None else conv(h)
 
 
 class NFResidualBlock(nn.Module):

@@ -10,8 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import SqueezeExcite, WSConv2d, activation_fn, avg_pool_same
-from .common import NFModel, NFResidualBlock, conv_flops, fold_gamma, stage_schedule
+from ..layers import SqueezeExcite, WSConv2d, activation_fn
+from .common import (
+    NFModel,
+    NFResidualBlock,
+    conv_flops,
+    fold_gamma,
+    pooled_shortcut,
+    stage_schedule,
+)
 
 
 class NFRegNetBlock(NFResidualBlock):
@@ -43,12 +50,7 @@ class NFRegNetBlock(NFResidualBlock):
 
     def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         h = self.act(x)  # × γβ, folded into conv0 and conv_shortcut
-        if self.stride > 1:
-            shortcut = self.conv_shortcut(avg_pool_same(h))
-        elif self.conv_shortcut is not None:
-            shortcut = self.conv_shortcut(h)
-        else:
-            shortcut = x
+        shortcut = pooled_shortcut(x, h, self.stride, self.conv_shortcut)
         r = self.conv1(self.act(self.conv0(h)))
         r = self.conv2(self.act(r * self.se(r)))
         return shortcut, r, None
