@@ -636,3 +636,17 @@ def test_full_f0_official_round_trip(tmp_path):
     dst = tmp_path / "nfnet_f0.safetensors"
     assert convert_official(src, dst) == "nfnet_f0"
     assert_same_state(source, load_weights(dst))
+
+
+def test_create_model_pretrained_adopts_the_loaded_tensors(tmp_path):
+    model = randomised(small_model("nf_regnet_b0")).eval()
+    path = write_official(tmp_path / "B0_haiku.npz", to_official(model.state_dict(), "nf_regnet"))
+    loaded = nfnets.create_model("nf_regnet_b0", num_classes=10, pretrained=path).eval()
+    assert not any(p.is_meta for p in loaded.parameters())
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad
+               for p in loaded.parameters())
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(CheckpointError, match="10 classes"):
+        nfnets.create_model("nf_regnet_b0", num_classes=5, pretrained=path)

@@ -713,7 +713,7 @@ def _read_any(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def load_pretrained(model: nn.Module, path: PathLike, *,
-                    skip_classifier: bool = False) -> nn.Module:
+                    skip_classifier: bool = False, assign: bool = False) -> nn.Module:
     """Load weights from ``path`` into ``model`` (in place) and return it.
 
     The format is recognised by content: an official DeepMind pickle (converted on the fly),
@@ -721,7 +721,8 @@ def load_pretrained(model: nn.Module, path: PathLike, *,
     plain state dict (or ``{"model": state_dict}``), read with ``weights_only=True``. Every key
     and shape is checked first; a mismatch raises CheckpointError naming the offending keys
     and the variant the file looks like. ``skip_classifier=True`` loads everything except the
-    classifier, for fine-tuning on other classes.
+    classifier, for fine-tuning on other classes. ``assign=True`` adopts the loaded tensors as
+    the parameters (for a model built on the meta device).
     """
     path = Path(path)
     target = _unwrap(model)
@@ -730,7 +731,7 @@ def load_pretrained(model: nn.Module, path: PathLike, *,
     if skip_classifier:
         is_head = _is_classifier_key(target)
         state_dict = {k: v for k, v in state_dict.items() if not is_head(k)}
-    target.load_state_dict(state_dict, strict=not skip_classifier)
+    target.load_state_dict(state_dict, strict=not skip_classifier, assign=assign)
     return model
 
 

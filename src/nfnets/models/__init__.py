@@ -7,8 +7,11 @@ Names: ``nfnet_f0`` … ``nfnet_f7``, ``nfnet_f0_plus`` … ``nfnet_f7_plus`` (o
 from __future__ import annotations
 
 import difflib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .common import NFModel, NFResidualBlock, signal_metrics
 from .nf_regnet import NFRegNet, NFRegNetBlock
@@ -128,7 +131,10 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str | Path | No
     builder = _BUILDERS[entry.family]
     kwargs = {"num_classes": num_classes, **overrides}
     try:
-        model = builder(entry.variant, **kwargs)
+        # With weights to load, skip the random initialisation: build without storage and
+        # adopt the loaded tensors (F6's init alone takes seconds).
+        with torch.device("meta") if pretrained is not None else nullcontext():
+            model = builder(entry.variant, **kwargs)
     except TypeError as err:
         raise ValueError(f"invalid option for {key}: {err}") from None
     model.model_name = key
@@ -137,6 +143,6 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str | Path | No
     if pretrained is not None:
         from ..weights import load_pretrained
 
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, assign=True)
     return model
 
