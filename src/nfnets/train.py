@@ -150,8 +150,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
     rank, world, device = _setup_distributed(cfg)
     is_main = rank == 0
     out = Path(cfg.out)
-    torch.manual_seed(cfg.seed + rank)  # ranks differ only in stochastic depth/dropout draws
-    random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights (and so EMA) on every rank
+    random.seed(cfg.seed)
 
     # Data: the per-rank micro-batch is global batch / (ranks · accumulation steps).
     micro_batch = cfg.batch_size // (world * cfg.grad_accum)
@@ -185,6 +185,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
     scheduler = warmup_cosine_lr(optimizer, min(warmup_steps, total_steps - 1), total_steps)
     ema = EMA(model, cfg.ema_decay)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    torch.manual_seed(cfg.seed + rank)  # ranks differ only in stochastic depth/dropout draws
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_images": 0,
              "nonfinite_steps": 0, "seconds": 0.0, "images": 0}
     if resume is not None:
@@ -347,6 +348,8 @@ def _validate(cfg: TrainConfig) -> None:
                         f"({world}) × --grad-accum ({cfg.grad_accum})")
     if cfg.precision == "fp16" and cfg.device == "cpu":
         problems.append("--precision fp16 needs a GPU; use bf16 on CPU")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA device is available")
     if problems:
         raise UsageError("; ".join(problems))
 
