@@ -6,6 +6,7 @@ paper's training recipe (Brock et al. 2021, arXiv 2102.06171 and 2101.08692).
 
 from .agc import AGC, ClipStats, adaptive_clip_grad_
 from .counting import count_flops, count_params
+from .export import export_onnx
 from .models import create_model, list_models, model_defaults, signal_metrics
 from .optim import (
     EMA,
@@ -29,6 +30,7 @@ __all__ = [
     "count_flops",
     "count_params",
     "create_model",
+    "export_onnx",
     "list_models",
     "load_pretrained",
     "load_weights",

@@ -114,7 +114,9 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
     official.md §2.12: out = ceil(n/s); total = max((out-1)·s + k - n, 0); before = total // 2.
     """
-    out = -(-size // stride)
+    # ceil(n/s) written with non-negative operands: when ONNX export traces the shapes, `//`
+    # becomes ONNX's truncating Div, which differs from floor division on negative numbers.
+    out = (size + stride - 1) // stride
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
 
@@ -252,14 +254,15 @@ class WSConv2d(nn.Conv2d):
 class _StandardizeWeight(torch.autograd.Function):
     """ŵ = (w - mean)·s with s = gain·c / sqrt(max(N·var, eps)), per output channel.
 
-    Forward (exact, two-pass): mean, then the centred weight, its sum of squares d = N·var
-    and an in-place scale of the centred copy. ``torch.var_mean`` would be one pass, but its
-    CPU Welford kernel runs ~5× slower than these three vectorised passes together.
+    Forward (the classic two-pass variance): mean, the centred weight, its sum of squares
+    d = N·var and an in-place scale of the centred copy. ``torch.var_mean`` would read the
+    weight once, but its CPU Welford kernel is slow: a var_mean + addcmul forward took 0.30 s
+    for all NFNet-F0 weights on one thread, these four vectorised passes 0.033 s.
 
-    Backward: autograd's generic graph of those ops makes about ten passes over the weight
-    (and summing paths into w.grad); the closed form below makes three and is the exact
-    derivative of the forward. Per output channel, with G = ∂L/∂ŵ, r = max(d, eps)^-½,
-    S1 = ΣG and S2 = ΣG·(w - mean):
+    Backward: autograd's generic graph of the plain formula runs about ten weight-sized
+    kernels (and sums three paths into w.grad); the closed form below runs five and is the
+    exact derivative of the forward (F0, one thread, with the forward: 0.55 s → 0.15 s).
+    Per output channel, with G = ∂L/∂ŵ, r = max(d, eps)^-½, S1 = ΣG and S2 = ΣG·(w - mean):
 
         ∂L/∂gain = c·r·S2
         ∂L/∂w    = s·G - s·S1/N - [d ≥ eps]·s·r²·S2·(w - mean)

@@ -1,0 +1,252 @@
+"""Fast paths give the exact model's outputs and gradients (never timed here).
+
+Closed-form WS backward, SAME padding without a pad where symmetric, the eval-mode WS cache,
+``fuse()``, channels-last, bf16 autocast and ``torch.compile``; plus the benchmark scripts'
+plumbing.
+"""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nfnets
+from nfnets.layers import WSConv2d, conv2d_same, same_padding
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(widths=(32, 64, 96, 96), depths=(1, 2, 2, 1), group_width=16,
+            stochdepth_rate=0.0, drop_rate=0.0)
+MICRO = dict(widths=(16, 32), depths=(1, 1), group_width=8, stochdepth_rate=0.0,
+             drop_rate=0.0)  # for torch.compile, whose compile time grows with the graph
+
+
+def plain_standardized_weight(conv: WSConv2d) -> torch.Tensor:
+    """The official WS formula written with plain autograd ops (the reference gradient)."""
+    w = conv.weight
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), unbiased=False, keepdim=True)
+    scale = torch.rsqrt(torch.clamp(var * conv.fan_in, min=conv.eps))
+    return (w - mean) * scale * (conv.gain * conv.input_scale).view(-1, 1, 1, 1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tiny(seed: int = 0, config: dict = TINY) -> nfnets.models.NFModel:
+    torch.manual_seed(seed)
+    model = nfnets.create_model("nfnet_f0", num_classes=5, **config)
+    with torch.no_grad():  # non-trivial gains and skip gains so every path matters
+        for name, p in model.named_parameters():
+            if name.endswith("gain"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+# ----------------------------------------------------------------------------- WS backward
+
+
+@pytest.mark.parametrize("shape,groups,input_scale", [
+    ((6, 4, 3, 3), 1, 1.0), ((8, 2, 3, 3), 2, 1.7), ((5, 7, 1, 1), 1, 0.3)])
+def test_ws_closed_form_gradients_equal_autograd(shape, groups, input_scale):
+    torch.manual_seed(0)
+    conv = WSConv2d(shape[1] * groups, shape[0], shape[2], groups=groups,
+                    input_scale=input_scale).double()
+    with torch.no_grad():
+        conv.gain.uniform_(0.5, 1.5)
+        conv.weight[0] = 0.3 + 1e-5 * torch.randn(shape[1:])  # N·var < eps: the floor is active
+    upstream = torch.randn(shape, dtype=torch.float64)
+    expected = torch.autograd.grad((plain_standardized_weight(conv) * upstream).sum(),
+                                   (conv.weight, conv.gain))
+    out = conv.standardized_weight()
+    torch.testing.assert_close(out, plain_standardized_weight(conv), rtol=1e-12, atol=1e-12)
+    actual = torch.autograd.grad((out * upstream).sum(), (conv.weight, conv.gain))
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_ws_gradcheck_and_partial_requires_grad():
+    torch.manual_seed(0)
+    conv = WSConv2d(3, 4, 3, input_scale=1.3).double()
+    torch.autograd.gradcheck(lambda w, g: _apply(conv, w, g), (conv.weight, conv.gain))
+    conv.gain.requires_grad_(False)
+    conv.standardized_weight().pow(2).sum().backward()
+    assert conv.gain.grad is None and conv.weight.grad.abs().sum() > 0
+
+
+def _apply(conv: WSConv2d, weight: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    from nfnets.layers import _StandardizeWeight
+
+    return _StandardizeWeight.apply(weight, gain, conv.input_scale, conv.eps)[0]
+
+
+def test_ws_second_derivative_is_refused_not_wrong():
+    conv = WSConv2d(2, 3, 3)
+    (g,) = torch.autograd.grad(conv.standardized_weight().pow(3).sum(), conv.weight,
+                               create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        g.sum().backward()
+
+
+def test_model_outputs_and_gradients_equal_plain_autograd_ws(monkeypatch):
+    model = tiny().double().train()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model(x).pow(2).sum().backward()
+    monkeypatch.setattr(WSConv2d, "standardized_weight", plain_standardized_weight)
+    reference(x).pow(2).sum().backward()
+    expected = grads(reference)
+    actual = grads(model)
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-9, atol=1e-12,
+                                   msg=name)
+
+
+# ----------------------------------------------------------------------------- SAME padding
+
+
+@pytest.mark.parametrize("size", [8, 9])
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (1, 1), (1, 2)])
+def test_same_conv_without_pad_copy_matches_explicit_pad(size, kernel, stride):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, size, size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    top, bottom = same_padding(size, kernel, stride)
+    expected = F.conv2d(F.pad(x, (top, bottom, top, bottom)), w, None, stride, 0, 1, 2)
+    actual = conv2d_same(x, w, None, (stride, stride), 2)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(expected)
+    for a, e in zip(torch.autograd.grad(actual, (x, w), upstream),
+                    torch.autograd.grad(expected, (x, w), upstream), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@pytest.mark.parametrize("size", [31, 32])
+def test_eval_cache_and_fuse_within_1e4_of_the_exact_model(size):
+    model = tiny().eval()
+    x = torch.randn(3, 3, size, size)
+    exact = model(x)  # autograd on: WS recomputed, no cache
+    with torch.no_grad():
+        cached = model(x)
+        fused = copy.deepcopy(model).fuse()
+        fused_out = fused(x)
+    assert rel_err(cached, exact) < 1e-4
+    assert rel_err(fused_out, exact) < 1e-4
+    assert not any(isinstance(m, WSConv2d) for m in fused.modules())
+
+
+def test_channels_last_same_outputs_and_gradients():
+    model = tiny().train()
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    out_cl = cl(x.contiguous(memory_format=torch.channels_last))
+    assert rel_err(out_cl, out) < 1e-4
+    out.pow(2).sum().backward()
+    out_cl.pow(2).sum().backward()
+    expected, actual = grads(model), grads(cl)
+    for name in expected:
+        assert rel_err(actual[name], expected[name]) < 1e-4, name
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_runs_and_stays_close_to_fp32(device):
+    model = tiny().to(device)
+    x = torch.randn(4, 3, 32, 32, device=device)
+    model.eval()
+    with torch.no_grad():
+        exact = model(x)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.bfloat16
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op); a few % after ~20 layers
+    assert rel_err(low.float(), exact) < 5e-2
+
+    model.train()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        logits = model(x)
+    F.cross_entropy(logits.float(), torch.arange(4, device=device) % 5).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+@pytest.mark.slow
+def test_torch_compile_training_same_outputs_and_gradients():
+    model = tiny(config=MICRO).train()
+    compiled = torch.compile(copy.deepcopy(model))
+    x = torch.randn(2, 3, 16, 16)
+    eager_out, compiled_out = model(x), compiled(x)
+    assert rel_err(compiled_out, eager_out) < 1e-4
+    eager_out.pow(2).sum().backward()
+    compiled_out.pow(2).sum().backward()
+    expected = grads(model)
+    actual = {n.removeprefix("_orig_mod."): g for n, g in grads(compiled).items()}
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert rel_err(actual[name], expected[name]) < 1e-4, name
+
+
+@pytest.mark.slow
+def test_torch_compile_inference_of_the_fused_model():
+    model = tiny(config=MICRO).eval()
+    compiled = torch.compile(copy.deepcopy(model).fuse())
+    x = torch.randn(2, 3, 17, 17)  # odd: symmetric SAME paddings only
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+
+
+def test_gpu_benchmark_parses_args_and_needs_cuda():
+    done = run_script("benchmarks/gpu.py", "--help")
+    assert done.returncode == 0 and "--train-cases" in done.stdout
+    if not torch.cuda.is_available():
+        done = run_script("benchmarks/gpu.py", "--sections", "train")
+        assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_writes_json_and_doc_block(tmp_path):
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n\nprose\n\n<!-- bench:cpu:begin -->\nold\n"
+                   "<!-- bench:cpu:end -->\n\nmore prose\n")
+    out = tmp_path / "cpu.json"
+    done = run_script("benchmarks/bench_models.py", "--sections", "train,memory",
+                      "--train-cases", "ours:fp32,timm:fp32", "--train-batch", "1",
+                      "--train-size", "32", "--warmup", "0", "--reps", "1",
+                      "--matmul-size", "64", "--out", str(out), "--doc", str(doc))
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    train = report["results"]["train"]
+    assert set(train) == {"ours:fp32", "timm:fp32", "matmul:fp32"}
+    assert train["ours:fp32"]["images_per_s"] > 0 and "median_agc_s" in train["ours:fp32"]
+    for side in ("ours", "timm"):  # every step allocates at least the weight gradients
+        assert report["results"]["memory"][side]["step_bytes"] > 4 * 60e6
+    text = doc.read_text()
+    assert "old" not in text and "prose" in text and "more prose" in text
+    assert "| ours:fp32 |" in text and text.count("<!-- bench:cpu:begin -->") == 1
