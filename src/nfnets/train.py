@@ -537,14 +537,15 @@ class _Logger:
     def step(self, state: dict, loss: float, optimizer, bar, images_per_second: float) -> None:
         if math.isfinite(loss):
             self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
+        bar.update(1)
+        if not self.active or state["step"] % self.cfg.log_every:
+            return
+        # Reading the clip count waits for the device, so only at logging steps.
         stats = optimizer.last_stats
         clip = float(stats.fraction) if stats is not None and stats.units else 0.0
         lr = optimizer.param_groups[0]["lr"]
-        bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_second:.1f}",
                         clip=f"{clip:.3f}", refresh=False)
-        if not self.active or state["step"] % self.cfg.log_every:
-            return
         record = {"kind": "train", "step": state["step"], "epoch": state["epoch"],
                   "loss": loss if math.isfinite(loss) else None, "lr": lr,
                   "clip_fraction": clip, "images_per_second": round(images_per_second, 2),
@@ -640,16 +641,40 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="create_model override, e.g. width=0.5 or depths=[1,1,2,1]")
     helps = {
         "data": "'digits' (bundled) or an ImageNet-style folder with train/ and val/",
-        "model": "model name (nfnets list); default nfnet_f0",
+        "model": "model name (see nfnets list); recipe: nfnet_f0, digits: a scaled-down F0",
         "out": "run directory",
-        "batch_size": "global batch size (recipe: 4096)",
+        "epochs": "training epochs (recipe: 360; digits: 15)",
+        "batch_size": "global batch size, split over processes (recipe: 4096; digits: 64)",
         "lr": "peak learning rate (recipe: 0.1 × batch / 256)",
-        "clipping": "AGC clipping factor λ (0 disables AGC)",
+        "warmup_epochs": "linear warm-up from 0 (recipe: 5)",
+        "weight_decay": "coupled L2 after clipping; none on gains and biases",
+        "clipping": "AGC clipping factor λ, classifier weight excluded (0 disables AGC)",
+        "momentum": "Nesterov momentum",
+        "label_smoothing": "applied after MixUp/CutMix label mixing",
+        "ema_decay": "EMA decay, with the warm-up min(decay, (1+t)/(10+t))",
+        "stochdepth_rate": "stochastic depth rate r; block i of N drops with r·i/N "
+                           "(recipe: 0.25)",
+        "drop_rate": "dropout before the classifier (recipe: the variant's, F0 0.2)",
         "augment": "official augmentation name, e.g. cutmix_mixup_randaugment_405, or none",
-        "init_from": "fine-tune from weights (safetensors, official .npz, run dir); new head",
-        "save_every": "also checkpoint every N optimiser steps",
-        "stop_at_step": "stop after step N with a checkpoint (resume later with --resume)",
+        "train_size": "training resolution (recipe: the variant's, F0 192)",
+        "test_size": "evaluation resolution (recipe: the variant's, F0 256)",
         "precision": "fp32, bf16 or fp16 (autocast; fp16 uses a GradScaler)",
+        "channels_last": "channels-last memory format (measure: often slower for NFNets)",
+        "compile": "torch.compile the training step",
+        "grad_accum": "micro-batches per optimiser step (gradients averaged, clipped once)",
+        "grad_checkpointing": "recompute blocks in backward to save memory (big variants)",
+        "num_workers": "DataLoader worker processes",
+        "seed": "seed of the data order, augmentation and initialisation",
+        "init_from": "fine-tune from weights (safetensors, official .npz, run dir); new head",
+        "save_every": "also checkpoint every N optimiser steps (always at epoch ends)",
+        "keep_checkpoints": "how many of the newest checkpoints to keep",
+        "eval_batch_size": "evaluation batch size",
+        "max_nonfinite": "stop after this many consecutive non-finite losses",
+        "log_every": "write a metrics line every N steps",
+        "tensorboard": "also log to DIR/tensorboard (needs the tensorboard package)",
+        "progress": "show a progress bar on terminals",
+        "device": "auto, cpu, cuda or cuda:N",
+        "stop_at_step": "stop after step N with a checkpoint (resume later with --resume)",
     }
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model_args":
@@ -658,13 +683,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{helps.get(f.name, '')} (default: {default})")
+                                help=f"{helps[f.name]} (default: {default})")
             continue
         kind = {"int": int, "float": float, "str": str}
         type_name = str(f.type).split("|")[0].strip()
         parser.add_argument(flag, type=kind.get(type_name, str), default=None,
-                            help=f"{helps.get(f.name, '')} (default: "
-                                 f"{'recipe' if default is None else default})")
+                            help=helps[f.name] if default is None
+                            else f"{helps[f.name]} (default: {default})")
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
