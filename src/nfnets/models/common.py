@@ -31,6 +31,15 @@ def conv_flops(conv: WSConv2d, h: float, w: float) -> float:
     return out * conv.in_channels / conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
 
 
+def output_flops(block: nn.Module, h: float, w: float) -> float:
+    """MACs of a block's convs at its output resolution — conv_shortcut (if any, stride 1) and
+    conv2 — plus its squeeze-excite FCs (2 · hidden · channels), as the official counters."""
+    total = conv_flops(block.conv2, h, w)
+    if block.conv_shortcut is not None:
+        total += conv_flops(block.conv_shortcut, h, w)
+    return total + 2 * block.se.fc0.out_features * block.se.fc1.out_features
+
+
 def stage_schedule(depths: list[int], alpha: float, stochdepth_rate: float
                    ) -> list[tuple[int, int, float, float]]:
     """(stage, index in stage, β, drop-path rate) for every block, as the official body loop.

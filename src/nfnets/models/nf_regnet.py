@@ -16,6 +16,7 @@ from .common import (
     NFResidualBlock,
     conv_flops,
     fold_gamma,
+    output_flops,
     pooled_shortcut,
     stage_schedule,
 )
@@ -59,11 +60,7 @@ class NFRegNetBlock(NFResidualBlock):
         """(MACs, output h, output w) by the official NFBlock.count_flops rule."""
         total = conv_flops(self.conv0, h, w) + conv_flops(self.conv1, h, w)
         h, w = h / self.stride, w / self.stride
-        if self.conv_shortcut is not None:
-            total += conv_flops(self.conv_shortcut, h, w)
-        total += conv_flops(self.conv2, h, w)
-        total += 2 * self.se.fc0.out_features * self.se.fc1.out_features
-        return total, h, w
+        return total + output_flops(self, h, w), h, w
 
 
 class NFRegNet(NFModel):
