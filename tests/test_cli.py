@@ -91,3 +91,17 @@ def test_subcommand_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: nfnets " + command in capsys.readouterr().out
+
+
+def test_export_a_weights_file_to_onnx(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    model = nfnets.create_model("nfnet_f0", num_classes=4, widths=(32, 64, 96, 96),
+                                depths=(1, 1, 1, 1), group_width=16)
+    weights = tmp_path / "tiny.safetensors"
+    nfnets.save_weights(model, weights, {"classes": ["a", "b", "c", "d"], "test_size": 40})
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", str(weights), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "at 40 px" in printed and out.stat().st_size > 10_000
+    assert main(["export", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
