@@ -205,3 +205,15 @@ def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path):
     summary = train(fast_config(tmp_path / "bf16", epochs=1, precision="bf16", train_size=32,
                                 grad_checkpointing=True))
     assert summary["nonfinite_steps"] == 0 and summary["val_top1"] > 15
+
+
+def test_tensorboard_logs_or_says_what_is_missing(tmp_path, capsys):
+    out = tmp_path / "tb"
+    code = run(["--out", str(out), *FAST, "--epochs", "1", "--tensorboard"])
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert code == 2 and not out.exists()  # refused before anything is written
+        assert "pip install tensorboard" in capsys.readouterr().err
+    else:
+        assert code == 0 and any((out / "tensorboard").iterdir())

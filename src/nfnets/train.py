@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -350,6 +351,8 @@ def _validate(cfg: TrainConfig) -> None:
         problems.append("--precision fp16 needs a GPU; use bf16 on CPU")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is available")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("--tensorboard needs the tensorboard package (pip install tensorboard)")
     if problems:
         raise UsageError("; ".join(problems))
 
@@ -514,12 +517,9 @@ class _Logger:
             print("nfnets: the digits demo differs from the ImageNet recipe in:")
             for key, value in _digits_changes(cfg).items():
                 print(f"  - {key}: {value}")
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UsageError("--tensorboard needs the tensorboard package "
-                                 "(pip install tensorboard)") from None
+        if cfg.tensorboard:  # _validate checked that the package is there
+            from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
     def progress(self, epoch: int, steps: int, done: int):
