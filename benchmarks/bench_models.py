@@ -10,7 +10,8 @@ What is measured (F0 on both sides, same batch, same input, same threads):
   the official recipe (``nfnets.optim.sgd_agc``: every parameter but the classifier weight
   clipped); timm uses ``create_optimizer_v2("sgd")`` and ``timm.utils.adaptive_clip_grad``
   on ``model_parameters(exclude_head=True)``, as timm's train.py does. The AGC phase is timed
-  on its own ("AGC share"). Both models have F0's stochastic depth 0.1 and dropout 0.2.
+  on its own ("AGC share"). Both models have dropout 0.2 and the stochastic depth rate of
+  F0's training config, 0.25 (``--stochdepth``; the model's default is 0.1).
 - ``matmul``: a square float32 matmul timed alongside the training steps; the model
   utilisation is (official MACs x 2 FLOPs x 3 for forward + backward x batch / step time)
   divided by its FLOP rate (2 FLOPs per multiply-accumulate on both sides).
@@ -62,8 +63,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "nfnet_f0"
 TIMM_MODEL = "dm_nfnet_f0"
 NUM_CLASSES = 1000
-# F0's model defaults (official.md §2.1 / §1.1), given to timm too so both run the same net.
-DROP_RATE, STOCHDEPTH_RATE = 0.2, 0.1
+# F0's dropout (official.md §1.1) and the training config's stochastic depth rate (0.25, as
+# paper A.1; the model's own default is 0.1), given to timm too so both run the same net.
+DROP_RATE, STOCHDEPTH_RATE = 0.2, 0.25
 # The official recipe's SGD and AGC settings (official.md §5.1, §5.5), used for timm as well.
 MOMENTUM, WEIGHT_DECAY, CLIPPING, AGC_EPS = 0.9, 2e-5, 0.01, 1e-3
 
@@ -142,15 +144,15 @@ def run_interleaved(cases: list[Case], warmup: int, reps: int, device: torch.dev
 # ----------------------------------------------------------------------------- models
 
 
-def build(side: str, device: torch.device) -> nn.Module:
+def build(side: str, device: torch.device, stochdepth: float = STOCHDEPTH_RATE) -> nn.Module:
     """F0 from nfnets ('ours') or timm ('timm'), with the same dropout and stochastic depth."""
     torch.manual_seed(0)
     if side == "ours":
         model = nfnets.create_model(MODEL, NUM_CLASSES, drop_rate=DROP_RATE,
-                                    stochdepth_rate=STOCHDEPTH_RATE)
+                                    stochdepth_rate=stochdepth)
     elif side == "timm":
         model = timm.create_model(TIMM_MODEL, num_classes=NUM_CLASSES, drop_rate=DROP_RATE,
-                                  drop_path_rate=STOCHDEPTH_RATE)
+                                  drop_path_rate=stochdepth)
     else:
         raise ValueError(f"side must be 'ours' or 'timm', got {side!r}")
     return model.to(device)
@@ -268,7 +270,8 @@ def _rss_kib(field_name: str) -> int:
     return int(re.search(rf"{field_name}:\s+(\d+) kB", status).group(1))
 
 
-def peak_step_memory(side: str, batch: int, size: int, device: torch.device) -> dict:
+def peak_step_memory(side: str, batch: int, size: int, device: torch.device,
+                     stochdepth: float = STOCHDEPTH_RATE) -> dict:
     """Peak memory of one training step, above what the model and optimiser hold anyway.
 
     Runs in a fresh process (``--memory-child``). One warm-up step creates the momentum
@@ -278,7 +281,7 @@ def peak_step_memory(side: str, batch: int, size: int, device: torch.device) -> 
     the parent so every tensor's memory goes back to the system when freed and RSS follows
     the live tensors; on CUDA it is ``torch.cuda.max_memory_allocated``.
     """
-    model = build(side, device)
+    model = build(side, device, stochdepth)
     step = TrainStep(side, model, batch, size, device)
     step()
     if device.type == "cuda":
@@ -306,7 +309,8 @@ def memory_in_subprocess(side: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", side,
            "--device", args.device, "--threads", str(args.threads),
-           "--train-batch", str(args.train_batch), "--train-size", str(args.train_size)]
+           "--train-batch", str(args.train_batch), "--train-size", str(args.train_size),
+           "--stochdepth", str(args.stochdepth)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement for {side} failed:\n{done.stderr[-2000:]}")
@@ -355,7 +359,7 @@ def train_section(specs: list[Spec], args: argparse.Namespace, device: torch.dev
     for spec in specs:
         key = (spec.side, spec.channels_last)
         if key not in models:
-            models[key] = build(spec.side, device)
+            models[key] = build(spec.side, device, args.stochdepth)
         step = TrainStep(spec.side, models[key], args.train_batch, args.train_size, device,
                          DTYPES[spec.dtype], spec.channels_last, spec.compile)
         cases.append(Case(str(spec), step, args.train_batch, step_flops))
@@ -511,7 +515,8 @@ def markdown(report: dict) -> str:
     ]
     if "train" in res:
         lines += [
-            f"**Training step** at {args['train_size']} px, batch {args['train_batch']} "
+            f"**Training step** at {args['train_size']} px, batch {args['train_batch']}, "
+            f"stochastic depth {args.get('stochdepth', 0.1)} "
             f"(forward, loss, backward, AGC, SGD), median of {args['reps']} interleaved "
             "repetitions after warm-up:",
             "",
@@ -606,6 +611,9 @@ def parser(device: str = "cpu", name: str = "cpu", train_batch: int = 8, eval_ba
                    help="torch CPU threads (1 by default on a shared CPU: see docs/performance.md)")
     p.add_argument("--train-batch", type=int, default=train_batch)
     p.add_argument("--train-size", type=int, default=192, help="F0's train size")
+    p.add_argument("--stochdepth", type=float, default=STOCHDEPTH_RATE,
+                   help="stochastic depth rate of the trained models (F0's training config: "
+                        "0.25; the model's default: 0.1)")
     p.add_argument("--eval-batch", type=int, default=eval_batch)
     p.add_argument("--eval-size", type=int, default=256, help="F0's test size")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of every case")
@@ -706,7 +714,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(args.threads)
         device = torch.device(args.device)
         print(json.dumps(peak_step_memory(args.memory_child, args.train_batch,
-                                          args.train_size, device)))
+                                          args.train_size, device, args.stochdepth)))
         return
     if args.device != "cpu":
         raise SystemExit("bench_models.py measures the CPU; use benchmarks/gpu.py for CUDA")

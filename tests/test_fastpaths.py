@@ -1,11 +1,12 @@
 """Fast paths give the exact model's outputs and gradients (never timed here).
 
 Closed-form WS backward, SAME padding without a pad where symmetric, the eval-mode WS cache,
-``fuse()``, channels-last, bf16 autocast and ``torch.compile``; plus the benchmark scripts'
-plumbing.
+``fuse()``, the oneDNN CPU inference path, the in-place inference merge, channels-last, bf16
+autocast and ``torch.compile``; plus the benchmark scripts' plumbing.
 """
 
 import copy
+import io
 import json
 import subprocess
 import sys
@@ -16,7 +17,14 @@ import torch
 import torch.nn.functional as F
 
 import nfnets
-from nfnets.layers import WSConv2d, conv2d_same, same_padding
+from nfnets.layers import (
+    ACTIVATION_GAMMAS,
+    Conv2dSame,
+    WSConv2d,
+    conv2d_same,
+    onednn_inference,
+    same_padding,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(widths=(32, 64, 96, 96), depths=(1, 2, 2, 1), group_width=16,
@@ -145,6 +153,206 @@ def test_eval_cache_and_fuse_within_1e4_of_the_exact_model(size):
     assert rel_err(cached, exact) < 1e-4
     assert rel_err(fused_out, exact) < 1e-4
     assert not any(isinstance(m, WSConv2d) for m in fused.modules())
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="this PyTorch build has no oneDNN")
+
+
+def plain(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` without autograd through F.conv2d, i.e. with the oneDNN path switched off."""
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        return module(x)
+
+
+@needs_onednn
+@torch.no_grad()
+def test_onednn_inference_applies_only_to_eager_cpu_inference():
+    x = torch.randn(1, 3, 8, 8)
+    assert onednn_inference(x)
+    assert not onednn_inference(x.double())
+    with torch.enable_grad():
+        assert not onednn_inference(x)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not onednn_inference(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert onednn_inference(x) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.parametrize("activation", [None, *sorted(ACTIVATION_GAMMAS)])
+def test_onednn_conv_equals_plain_conv_for_every_activation(activation):
+    torch.manual_seed(0)
+    if activation == "glu":
+        conv = Conv2dSame(4, 6, 3, activation=activation)  # glu halves the channels
+    else:
+        conv = Conv2dSame(4, 5, 3, activation=activation)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        fast = conv(x)
+    torch.testing.assert_close(fast, plain(conv, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,stride,groups", [(1, 1, 1), (3, 1, 2), (3, 2, 2), (1, 2, 1)])
+@pytest.mark.parametrize("size", [8, 9])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided_view"])
+def test_onednn_ws_conv_equals_plain_for_shapes_and_layouts(kernel, stride, groups, size, layout):
+    torch.manual_seed(0)
+    conv = WSConv2d(4, 6, kernel, stride=stride, groups=groups, input_scale=1.3,
+                    activation="gelu").eval()
+    x = torch.randn(2, 4, size, size + 1)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided_view":  # neither NCHW- nor NHWC-dense: must be made dense first
+        x = torch.randn(2, 4, size, 2 * size + 2)[..., ::2]
+    with torch.no_grad():
+        fast = conv(x)
+    torch.testing.assert_close(fast, plain(conv, x), rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_onednn_path_leaves_wrong_inputs_to_the_usual_errors():
+    conv = WSConv2d(4, 4, 3).eval()
+    with pytest.raises(RuntimeError, match="channels"):
+        conv(torch.randn(1, 5, 6, 6))
+    with pytest.raises(RuntimeError, match="dtype|type"):
+        conv(torch.randn(1, 4, 6, 6, dtype=torch.bfloat16))
+
+
+@needs_onednn
+@torch.no_grad()
+def test_onednn_packed_weight_follows_parameter_changes_and_input_shapes():
+    conv = Conv2dSame(4, 4, 3, activation="relu")
+    x = torch.randn(1, 4, 6, 6)
+    conv(x)
+    packed = conv._packed.value
+    conv.weight.mul_(-1.0)  # in place: version counter moves, the packed copy must follow
+    torch.testing.assert_close(conv(x), plain(conv, x))
+    assert conv._packed.value is not packed
+    y = torch.randn(3, 4, 7, 5)  # another size re-packs for that shape
+    torch.testing.assert_close(conv(y), plain(conv, y))
+
+
+@needs_onednn
+@torch.no_grad()
+def test_modules_with_packed_weights_copy_and_pickle():
+    model = tiny().eval()
+    x = torch.randn(1, 3, 32, 32)
+    expected = model(x)
+    assert any(m._packed.value is not None for m in model.modules() if isinstance(m, Conv2dSame))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the opaque oneDNN tensors are dropped, not pickled
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    for clone in (copy.deepcopy(model), restored, copy.deepcopy(model).fuse()):
+        torch.testing.assert_close(clone(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_onednn
+@pytest.mark.parametrize("name,config", [
+    ("nfnet_f0", TINY),
+    ("nf_resnet50", dict(width=1, depths=(1, 1, 1, 1), use_se=True)),
+    ("nf_regnet_b0", dict(depths=(1, 1, 1, 1))),
+])
+def test_onednn_model_inference_equals_plain_path(name, config):
+    torch.manual_seed(0)
+    model = nfnets.create_model(name, num_classes=5, **config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero skip gains, so the residual branches count
+            p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(2, 3, 33, 33)
+        features = model.forward_features(x)
+        fast = model(x)
+    assert features.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(fast, plain(model, x)) < 1e-5
+    assert rel_err(copy.deepcopy(model).fuse()(x), plain(model, x)) < 1e-5
+
+
+def test_inference_merge_in_place_leaves_the_input_alone():
+    model = tiny().eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.skip_gain.fill_(0.7)
+    x = torch.randn(2, 3, 32, 32)
+    saved = x.clone()
+    with torch.no_grad():
+        block_input = model.blocks[0](model.stem(x))
+        kept = block_input.clone()
+        out = model.blocks[1](block_input)  # an identity-shortcut block
+        inference = model(x)
+    torch.testing.assert_close(block_input, kept, rtol=0, atol=0)
+    torch.testing.assert_close(x, saved, rtol=0, atol=0)
+    with torch.enable_grad():
+        torch.testing.assert_close(out, model.blocks[1](kept), rtol=1e-5, atol=1e-6)
+        assert rel_err(inference, model(x)) < 1e-5
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+                         and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="this CPU has no oneDNN bf16 support")
+def test_onednn_bf16_model_and_autocast_inference():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 32, 32)
+    reference = plain(model, x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model(x)
+    with torch.no_grad():
+        bf16 = copy.deepcopy(model).bfloat16()(x.bfloat16())
+    for out in (autocast, bf16):
+        assert out.dtype == torch.bfloat16
+        assert rel_err(out.float(), reference) < 0.05  # bf16 keeps 8 mantissa bits
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def run_step(model: torch.nn.Module, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same stochastic-depth draws on both paths
+    out = model(x)
+    out.pow(2).sum().backward()
+    return out.detach(), grads(model)
+
+
+def test_stochastic_depth_on_kept_samples_only_is_exact(monkeypatch):
+    import nfnets.models.common as common
+
+    model = tiny(config=dict(TINY, stochdepth_rate=0.6)).train()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.skip_gain.fill_(0.5)
+    x = torch.randn(6, 3, 32, 32)
+    taken = []
+    real = common._kept_samples
+
+    def counting(mask, x):
+        kept = real(mask, x)
+        taken.append(kept is not None and 0 < kept.numel() < x.shape[0])
+        return kept
+
+    monkeypatch.setattr(common, "_kept_samples", counting)
+    out, g = run_step(model, x, seed=3)
+    assert any(taken)  # some blocks ran their branch on a subset of the batch
+    monkeypatch.setattr(common, "_kept_samples", lambda mask, x: None)  # whole batch × mask
+    out_full, g_full = run_step(model, x, seed=3)
+    assert rel_err(out, out_full) < 1e-5
+    assert g.keys() == g_full.keys()
+    for name in g_full:
+        assert rel_err(g[name], g_full[name]) < 1e-5, name
+
+
+def test_stochastic_depth_dropping_every_sample_still_gives_every_gradient():
+    model = tiny(config=dict(TINY, stochdepth_rate=0.999)).train()
+    run_step(model, torch.randn(2, 3, 32, 32), seed=0)  # DDP needs a grad for every param
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_stochastic_depth_subset_under_bf16_autocast():
+    model = tiny(config=dict(TINY, stochdepth_rate=0.6)).train()
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(6, 3, 32, 32))
+    out.float().pow(2).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_channels_last_same_outputs_and_gradients():

@@ -134,12 +134,17 @@ def test_ws_init_is_official():
     assert torch.all(conv.bias == 0)
 
 
-def test_eval_cache_tracks_parameter_changes():
+@pytest.mark.parametrize("onednn", [
+    pytest.param(True, marks=pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                                reason="this PyTorch build has no oneDNN")),
+    False], ids=["onednn", "plain"])
+def test_eval_cache_tracks_parameter_changes(onednn):
     conv = WSConv2d(4, 4, 3).eval()
+    cache = conv._packed if onednn else conv._standardized  # CPU inference path / elsewhere
     x = torch.randn(1, 4, 5, 5)
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=onednn):
         first = conv(x)
-        assert conv._cache is not None
+        assert cache.value is not None
         conv.weight.mul_(2.0).add_(0.3)  # an optimiser-style in-place update
         conv.gain.mul_(3.0)
         second = conv(x)
@@ -147,7 +152,7 @@ def test_eval_cache_tracks_parameter_changes():
     with torch.enable_grad():
         torch.testing.assert_close(second, conv(x))  # uncached path agrees
     conv.train()
-    assert conv._cache is None
+    assert cache.value is None
     # with autograd on, gradients reach the weight (no stale cache in the graph)
     conv.eval()
     conv(x).sum().backward()

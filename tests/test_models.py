@@ -140,19 +140,22 @@ def test_regnet_structure():
 
 @pytest.mark.parametrize("name", list(TINY))
 @pytest.mark.parametrize("size", [32, 33])
-def test_parity_with_the_literal_official_forward(name, size):
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain"])
+def test_parity_with_the_literal_official_forward(name, size, onednn):
+    """Both CPU inference paths (oneDNN fused convs, plain F.conv2d) match the float64 official
+    forward to float32 round-off (worst measured: 2.4e-6 relative, NF-ResNet at 32 px)."""
     torch.manual_seed(0)
     model = nfnets.create_model(name, num_classes=7, **TINY[name]).eval()
     perturb(model)
     x = torch.randn(2, 3, size, size)
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=onednn):
         features = model.forward_features(x)
         pool = model.forward_head(features, pre_logits=True)
         logits = model(x)
     ref_logits, ref_pool = reference_forward(model, x, FAMILY[name], ACT[name],
                                              TINY[name]["depths"])
-    assert rel_err(logits, ref_logits) < 2e-6
-    assert rel_err(pool, ref_pool) < 2e-6
+    assert rel_err(logits, ref_logits) < 4e-6
+    assert rel_err(pool, ref_pool) < 4e-6
     assert logits.std() > 0.01  # the perturbed model is not trivially constant
 
 

@@ -12,6 +12,8 @@ Two deliberate implementation choices keep the maths of the official code but do
 * Scaled weight standardisation is one ``var_mean`` reduction plus one ``addcmul`` over the
   weight; in eval mode without autograd the standardised weight is cached until a parameter
   changes (``WSConv2d.fuse`` turns it into a plain conv for deployment).
+* A conv that is followed by a nonlinearity owns it (``activation=``), so that CPU inference can
+  run both as one oneDNN call on pre-packed weights (see :func:`onednn_inference`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .agc import remember_unit_norms
+
 __all__ = [
     "ACTIVATION_GAMMAS",
+    "Conv2dSame",
     "GammaAct",
     "SqueezeExcite",
     "StochasticDepth",
@@ -32,7 +37,9 @@ __all__ = [
     "activation_fn",
     "avg_pool_same",
     "conv2d_same",
+    "eager_inference",
     "max_pool_same",
+    "onednn_inference",
     "pad_same",
     "same_padding",
 ]
@@ -62,16 +69,37 @@ ACTIVATION_GAMMAS: dict[str, float] = {
 
 # JAX semantics of each function, on NCHW tensors (channel-wise ops use dim 1, which is the
 # last axis of the official NHWC tensors). jax.nn.gelu defaults to the tanh approximation,
-# jax.nn.leaky_relu to slope 0.01, jax.nn.celu/elu to alpha 1.
+# jax.nn.leaky_relu to slope 0.01, jax.nn.celu/elu to alpha 1. Named functions rather than
+# lambdas, so that whole models can be pickled.
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _glu_channels(x: torch.Tensor) -> torch.Tensor:
+    return F.glu(x, dim=1)
+
+
+def _leaky_relu_jax(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.01)
+
+
+def _log_softmax_channels(x: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(x, dim=1)
+
+
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "identity": lambda x: x,
+    "identity": _identity,
     "celu": F.celu,
     "elu": F.elu,
-    "gelu": lambda x: F.gelu(x, approximate="tanh"),
-    "glu": lambda x: F.glu(x, dim=1),
-    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "gelu": _gelu_tanh,
+    "glu": _glu_channels,
+    "leaky_relu": _leaky_relu_jax,
     "log_sigmoid": F.logsigmoid,
-    "log_softmax": lambda x: F.log_softmax(x, dim=1),
+    "log_softmax": _log_softmax_channels,
     "relu": F.relu,
     "relu6": F.relu6,
     "selu": F.selu,
@@ -162,7 +190,162 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.conv2d(x, weight, bias, stride, 0, 1, groups)
 
 
-class WSConv2d(nn.Conv2d):
+# oneDNN post-op (attr, scalars, algorithm) of each nonlinearity it can fuse into a conv, with
+# the same semantics as `_ACTIVATIONS`; the others run as a separate op after the conv.
+_ONEDNN_POST_OPS: dict[str, tuple[str, list[float], str]] = {
+    "gelu": ("gelu", [], "tanh"),
+    "leaky_relu": ("leaky_relu", [0.01], ""),
+    "relu": ("relu", [], ""),
+    "relu6": ("hardtanh", [0.0, 6.0], ""),
+    "sigmoid": ("sigmoid", [], ""),
+    "silu": ("swish", [], ""),
+    "tanh": ("tanh", [], ""),
+}
+_ONEDNN_OPS = getattr(torch.ops, "mkldnn", None)
+_HAS_ONEDNN_CONV = (torch.backends.mkldnn.is_available()
+                    and hasattr(_ONEDNN_OPS, "_convolution_pointwise")
+                    and hasattr(_ONEDNN_OPS, "_reorder_convolution_weight"))
+
+
+def _onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a oneDNN inference conv on ``x`` would run in, or None if it cannot run."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype == torch.float32:
+        return dtype
+    if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return dtype
+    return None
+
+
+def eager_inference() -> bool:
+    """Autograd is off and nothing traces, exports or compiles the call: the state in which
+    inference may reuse buffers in place and call eager-only kernels."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+def onednn_inference(x: torch.Tensor) -> bool:
+    """Whether convs on ``x`` take the CPU inference path (oneDNN, pre-packed, fused activation).
+
+    It applies in :func:`eager_inference` on the CPU, in float32 or bfloat16 (also under CPU
+    autocast), when oneDNN is built in and enabled (``torch.backends.mkldnn.flags``). So it is
+    skipped under ``torch.compile`` (Inductor pre-packs by itself when freezing), tracing and
+    ONNX export. The op is PyTorch's own (``torch.ops.mkldnn._convolution_pointwise``, which
+    Inductor emits for CPU convs); tests check it against ``F.conv2d`` for every activation.
+    """
+    return (
+        _HAS_ONEDNN_CONV
+        and x.device.type == "cpu"
+        and torch.backends.mkldnn.enabled
+        and eager_inference()
+        and _onednn_dtype(x) is not None
+    )
+
+
+class _WeightCache:
+    """One derived weight and the key it was made for; recomputed when the key changes.
+
+    The value may be an opaque oneDNN tensor, which can be neither copied nor pickled, so
+    copies and unpickled modules start with an empty cache.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: torch.Tensor | None = None
+
+    def get(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key != self.key:
+            self.value, self.key = None, None  # free the old value before making the new one
+            self.value, self.key = make(), key
+        return self.value
+
+    def clear(self) -> None:
+        self.key = self.value = None
+
+    def __deepcopy__(self, memo: dict) -> _WeightCache:
+        return _WeightCache()
+
+    def __reduce__(self) -> tuple:
+        return _WeightCache, ()
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv2d with TensorFlow 'SAME' padding, a bias and an optional nonlinearity after it.
+
+    ``activation`` names the plain (un-scaled) nonlinearity of the official table applied to the
+    output; its gamma belongs to the next conv's ``input_scale``. This is what
+    ``WSConv2d.fuse`` returns. In CPU inference (:func:`onednn_inference`) the weight is
+    pre-packed once for oneDNN (cached until it changes) and the nonlinearity runs inside the
+    conv; inputs in channels-last layout are fastest there.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, groups: int = 1,
+                 activation: str | None = None, **factory) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0,
+                         groups=groups, bias=True, **factory)
+        self.activation = activation
+        self.act = None if activation is None else activation_fn(activation)
+        self._packed = _WeightCache()
+
+    def conv_weight(self) -> torch.Tensor:
+        """The weight the convolution uses."""
+        return self.weight
+
+    def _forward_weight(self) -> torch.Tensor:
+        return self.conv_weight()
+
+    def _weight_key(self) -> tuple:
+        w = self.weight
+        return (w._version, w.data_ptr(), w.dtype, w.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Wrong shapes or (without autocast) dtypes go to F.conv2d, which explains the problem;
+        # oneDNN would only say it "could not create a primitive descriptor".
+        if (onednn_inference(x) and x.ndim == 4 and x.shape[1] == self.in_channels
+                and (x.dtype == self.weight.dtype or torch.is_autocast_enabled("cpu"))):
+            return self._forward_onednn(x)
+        y = conv2d_same(x, self._forward_weight(), self.bias, self.stride, self.groups)
+        return y if self.act is None else self.act(y)
+
+    def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _onednn_dtype(x)
+        x = x.to(dtype)
+        # The oneDNN op reads the raw buffer: it needs a dense NCHW or NHWC input, not a view.
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        kh, kw = self.kernel_size
+        top, bottom = same_padding(x.shape[-2], kh, self.stride[0])
+        left, right = same_padding(x.shape[-1], kw, self.stride[1])
+        if top != bottom or left != right:
+            x = F.pad(x, (left, right, top, bottom))
+            top = left = 0
+        padding, stride = [top, left], list(self.stride)
+        # oneDNN picks the packed layout for an input shape (a mismatch costs a reorder per
+        # call, 2x on 1x1 convs); any batch size runs fast with it.
+        key = self._weight_key() + (dtype, tuple(x.shape[1:]))
+        packed = self._packed.get(key, lambda: torch.ops.mkldnn._reorder_convolution_weight(
+            self.conv_weight().detach().to(dtype), padding, stride, [1, 1], self.groups,
+            list(x.shape)))
+        attr, scalars, algorithm = _ONEDNN_POST_OPS.get(self.activation, ("none", [], ""))
+        y = torch.ops.mkldnn._convolution_pointwise(
+            x, packed, self.bias.detach().to(dtype), padding, stride, [1, 1], self.groups,
+            attr, scalars, algorithm)
+        if self.act is not None and self.activation not in _ONEDNN_POST_OPS:
+            y = self.act(y)
+        return y
+
+    def clear_cache(self) -> None:
+        """Drop cached inference weights (needed only after changing parameters via ``.data``)."""
+        self._packed.clear()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activation={self.activation}"
+
+
+class WSConv2d(Conv2dSame):
     """Conv2d with Scaled Weight Standardisation, a learned gain and a bias (official WSConv2D).
 
     For each output channel o, with fan_in N = in/groups · kh · kw and the population
@@ -173,7 +356,8 @@ class WSConv2d(nn.Conv2d):
     ``eps`` (1e-4) is a floor on N·var, not an addend (nfnets/base.py). The bias is always
     present. ``input_scale`` is a constant the official code multiplies into this conv's input
     (the previous activation's gamma, the block's beta); folding it into ŵ is exact.
-    Padding is TensorFlow 'SAME'. Weights are initialised N(0, 1/fan_in), gains 1, biases 0.
+    Padding is TensorFlow 'SAME'; ``activation`` is applied to the output (see
+    :class:`Conv2dSame`). Weights are initialised N(0, 1/fan_in), gains 1, biases 0.
 
     In eval mode with autograd off, ŵ is cached and recomputed only when the weight or gain
     changes (tracked by their version counters) or the module returns to training.
@@ -189,17 +373,17 @@ class WSConv2d(nn.Conv2d):
         groups: int = 1,
         input_scale: float = 1.0,
         eps: float = 1e-4,
+        activation: str | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
-                         padding=0, groups=groups, bias=True)
+                         groups=groups, activation=activation)
         # gain is created after nn.Conv2d.__init__ (which calls reset_parameters) and
         # starts at 1, as in the official code.
         self.gain = nn.Parameter(torch.ones(out_channels))
         self.input_scale = float(input_scale)
         self.eps = eps
         self.fan_in = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
-        self._cache: torch.Tensor | None = None
-        self._cache_key: tuple | None = None
+        self._standardized = _WeightCache()
 
     def reset_parameters(self) -> None:
         """N(0, 1/fan_in) weights (Haiku VarianceScaling(1, fan_in, normal)), zero bias."""
@@ -213,36 +397,44 @@ class WSConv2d(nn.Conv2d):
         The backward is the closed form of :class:`_StandardizeWeight` (first-order only:
         differentiating twice through it raises an error).
         """
-        return _StandardizeWeight.apply(self.weight, self.gain, self.input_scale, self.eps)[0]
+        weight, mean, d = _StandardizeWeight.apply(self.weight, self.gain, self.input_scale,
+                                                   self.eps)
+        if (self.weight.dtype in (torch.float32, torch.float64)
+                and not torch.compiler.is_compiling()):
+            # ||w_o||² = N·var_o + N·mean_o²: AGC's weight norms for free (float32 or wider,
+            # as AGC takes them).
+            remember_unit_norms(self.weight, torch.sqrt(d + self.fan_in * mean.square()))
+        return weight
 
     def clear_cache(self) -> None:
-        """Drop the cached eval-mode weight."""
-        self._cache = None
-        self._cache_key = None
+        """Drop the cached eval-mode weights."""
+        super().clear_cache()
+        self._standardized.clear()
 
     def train(self, mode: bool = True) -> WSConv2d:
         self.clear_cache()
         return super().train(mode)
 
-    def _weight(self) -> torch.Tensor:
+    def _weight_key(self) -> tuple:
+        w, g = self.weight, self.gain
+        return (w._version, g._version, w.data_ptr(), g.data_ptr(), w.dtype, w.device)
+
+    def conv_weight(self) -> torch.Tensor:
+        """ŵ, the standardised weight the convolution uses."""
+        return self.standardized_weight()
+
+    def _forward_weight(self) -> torch.Tensor:
+        # Cached only where nothing can differentiate through it or change it unseen.
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.standardized_weight()
-        w, g = self.weight, self.gain
-        key = (w._version, g._version, w.data_ptr(), g.data_ptr(), w.dtype, w.device)
-        if key != self._cache_key:
-            self._cache = self.standardized_weight()
-            self._cache_key = key
-        return self._cache
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d_same(x, self._weight(), self.bias, self.stride, self.groups)
+        return self._standardized.get(self._weight_key(), self.standardized_weight)
 
     @torch.no_grad()
-    def fuse(self) -> nn.Conv2d:
-        """A plain nn.Conv2d with ŵ baked in (for inference and export; SAME pad kept)."""
-        conv = _SamePadConv2d(self.in_channels, self.out_channels, self.kernel_size,
-                              self.stride, self.groups, device=self.weight.device,
-                              dtype=self.weight.dtype)
+    def fuse(self) -> Conv2dSame:
+        """A plain :class:`Conv2dSame` with ŵ baked in (for inference and export)."""
+        conv = Conv2dSame(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                          self.groups, self.activation, device=self.weight.device,
+                          dtype=self.weight.dtype)
         conv.weight.copy_(self.standardized_weight())
         conv.bias.copy_(self.bias)
         return conv
@@ -269,36 +461,39 @@ class _StandardizeWeight(torch.autograd.Function):
 
     The last term is the path through d (∂d/∂w = 2(w - mean); the mean's share sums to
     zero); like ``torch.clamp``'s gradient it is cut where the eps floor is active.
-    Forward also returns mean, r and the floor mask (non-differentiable) for backward.
+    Forward also returns the mean and d (non-differentiable): backward needs them, and AGC
+    takes the weight's unit norms ||w_o|| = sqrt(d + N·mean²) from them.
     """
 
     @staticmethod
     def forward(weight: torch.Tensor, gain: torch.Tensor, input_scale: float, eps: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dims = tuple(range(1, weight.ndim))
         mean = weight.mean(dims, keepdim=True)
         centred = weight - mean
         d = torch.linalg.vector_norm(centred, dim=dims, keepdim=True).square()  # N·var
-        rstd = torch.rsqrt(torch.clamp(d, min=eps))
-        scale = rstd * (gain * input_scale).view_as(rstd)
-        return centred.mul_(scale), mean, rstd, d >= eps
+        scale = torch.rsqrt(torch.clamp(d, min=eps)) * (gain * input_scale).view_as(d)
+        return centred.mul_(scale), mean, d
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        weight, gain, input_scale, _ = inputs
-        _, mean, rstd, live = output
-        ctx.mark_non_differentiable(mean, rstd, live)
+        weight, gain, input_scale, eps = inputs
+        _, mean, d = output
+        ctx.mark_non_differentiable(mean, d)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(weight, gain, mean, rstd, live)
+        ctx.save_for_backward(weight, gain, mean, d)
         ctx.input_scale = input_scale
+        ctx.eps = eps
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor | None, *_):
-        weight, gain, mean, rstd, live = ctx.saved_tensors
+        weight, gain, mean, d = ctx.saved_tensors
         if grad is None:
             return None, None, None, None
         dims = tuple(range(1, weight.ndim))
+        rstd = torch.rsqrt(torch.clamp(d, min=ctx.eps))
+        live = d >= ctx.eps
         scale = rstd * (gain * ctx.input_scale).view_as(rstd)
         s1 = grad.sum(dims, keepdim=True)
         s2 = (grad * weight).sum(dims, keepdim=True) - mean * s1  # ΣG·(w - mean)
@@ -311,18 +506,6 @@ class _StandardizeWeight(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_gain = (ctx.input_scale * rstd * s2).view_as(gain)
         return grad_weight, grad_gain, None, None
-
-
-class _SamePadConv2d(nn.Conv2d):
-    """Plain conv with TF 'SAME' padding: the result of ``WSConv2d.fuse``."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
-                 stride: tuple[int, int], groups: int, **factory) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0,
-                         groups=groups, bias=True, **factory)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d_same(x, self.weight, self.bias, self.stride, self.groups)
 
 
 class SqueezeExcite(nn.Module):
@@ -383,11 +566,15 @@ class StochasticDepth(nn.Module):
             raise ValueError(f"stochastic depth rate must be in [0, 1), got {rate}")
         self.rate = rate
 
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """A fresh per-sample 0/1 mask of shape (B, 1, ..., 1) that broadcasts against ``x``."""
+        u = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype)
+        return torch.floor(1.0 - self.rate + u)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.rate == 0.0:
             return x
-        u = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype)
-        return x * torch.floor(1.0 - self.rate + u)
+        return x * self.keep_mask(x)
 
     def extra_repr(self) -> str:
         return f"rate={self.rate:.6g}"

@@ -6,6 +6,8 @@ dropout → fc``, with residual blocks ``h + α · skip_gain · f(act(h) · β)`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,8 @@ from ..layers import (
     WSConv2d,
     activation_fn,
     avg_pool_same,
+    eager_inference,
+    onednn_inference,
 )
 
 
@@ -73,12 +77,15 @@ def pooled_shortcut(x: torch.Tensor, h: torch.Tensor, stride: int,
 class NFResidualBlock(nn.Module):
     """Base of all NF residual blocks: ``out = shortcut + α · skip_gain · mask · gate · r``.
 
-    Subclasses build their convs and implement ``branches(x) -> (shortcut, r, gate)``, where
-    ``gate`` is the squeeze-excite gate applied to the branch output (None if there is none).
-    The per-sample stochastic-depth mask, the gate, α and the zero-initialised scalar
-    ``skip_gain`` (SkipInit) are all multiplied on the small (B, C, 1, 1) gate first, so the
-    merge is a single ``addcmul`` over the activation.
+    Subclasses build their convs, set ``act`` (the plain pre-activation; its γ·β is folded into
+    the convs that read it) and implement ``shortcut(x, h)`` and ``residual(h) -> (r, gate)``
+    for h = act(x), where ``gate`` is the squeeze-excite gate applied to the branch output
+    (None if there is none). The per-sample stochastic-depth mask, the gate, α and the
+    zero-initialised scalar ``skip_gain`` (SkipInit) are all multiplied on the small
+    (B, C, 1, 1) gate first, so the merge is a single ``addcmul`` over the activation.
     """
+
+    act: Callable[[torch.Tensor], torch.Tensor]
 
     def __init__(self, alpha: float, stochdepth_rate: float) -> None:
         super().__init__()
@@ -87,21 +94,71 @@ class NFResidualBlock(nn.Module):
         # The official blocks only create StochDepth for 0 < rate < 1 (block 0 never has one).
         self.drop_path = StochasticDepth(stochdepth_rate) if 0.0 < stochdepth_rate < 1.0 else None
 
-    def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def shortcut(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def merge(self, shortcut: torch.Tensor, r: torch.Tensor, gate: torch.Tensor | None
-              ) -> torch.Tensor:
-        """shortcut + α · skip_gain · (stochastic-depth mask) · gate · r."""
+    def residual(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(shortcut, r, gate) of the whole batch, before stochastic depth."""
+        h = self.act(x)
+        return (self.shortcut(x, h), *self.residual(h))
+
+    def merge(self, shortcut: torch.Tensor, r: torch.Tensor, gate: torch.Tensor | None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+        """shortcut + α · skip_gain · mask · gate · r, for a (B, 1, 1, 1) stochastic-depth
+        ``mask`` (None: keep every sample).
+
+        With autograd off the sum is written into ``r``'s memory (``r`` is the branch's own
+        fresh output): one activation-sized allocation fewer per block, which for maps above
+        glibc's 32 MB mmap threshold also saves the kernel zeroing fresh pages.
+        """
         if gate is None:
             gate = r.new_ones((r.shape[0], 1, 1, 1))
         scale = gate * (self.alpha * self.skip_gain)
-        if self.drop_path is not None:
-            scale = self.drop_path(scale)
-        return torch.addcmul(shortcut, r, scale)
+        if mask is not None:
+            scale = scale * mask
+        if (not eager_inference() or r.shape != shortcut.shape
+                or torch.result_type(shortcut, r) != r.dtype
+                or torch.promote_types(r.dtype, scale.dtype) != r.dtype):
+            return torch.addcmul(shortcut, r, scale)
+        return torch.addcmul(shortcut, r, scale, out=r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.merge(*self.branches(x))
+        h = self.act(x)
+        shortcut = self.shortcut(x, h)
+        mask = None
+        if self.drop_path is not None and self.training:
+            mask = self.drop_path.keep_mask(x)
+            kept = _kept_samples(mask, x)
+            if kept is not None:
+                # Samples are independent (no batch statistics), so the branch of the kept
+                # samples alone is exactly their part of the whole batch's branch; the dropped
+                # ones add nothing. Skips the dropped share of the block's convolutions.
+                r, gate = self.residual(h.index_select(0, kept))
+                scale = self.alpha * self.skip_gain
+                if gate is not None:
+                    scale = gate * scale
+                dtype = torch.result_type(shortcut, r)  # as addcmul would promote (autocast)
+                return shortcut.to(dtype).index_add(0, kept, (r * scale).to(dtype))
+        return self.merge(shortcut, *self.residual(h), mask)
+
+
+def _kept_samples(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the samples a stochastic-depth ``mask`` keeps, where computing the residual
+    branch on those alone pays: eager CPU execution with some but not all samples dropped.
+
+    Elsewhere the whole batch runs and the mask multiplies the branch: on a GPU, learning how
+    many samples are kept stalls the stream; compiled graphs want static shapes; and when no
+    sample is kept the branch still has to run (with zero weight), so that every parameter
+    receives a gradient, as DistributedDataParallel requires.
+    """
+    if (x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()):
+        return None
+    kept = mask.flatten().nonzero().flatten()
+    return kept if 0 < kept.numel() < mask.shape[0] else None
 
 
 class NFModel(nn.Module):
@@ -160,6 +217,9 @@ class NFModel(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, num_features, H/32, W/32) map after the final conv and its activation."""
         self._check_input(x)
+        if onednn_inference(x):
+            # oneDNN's inference convs run fastest on NHWC; every other op keeps the layout.
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             # Non-reentrant checkpointing replays the RNG, so stochastic depth is unchanged.

@@ -42,19 +42,20 @@ class NFRegNetBlock(NFResidualBlock):
         gamma = fold_gamma(activation)
         self.act = activation_fn(activation)
         self.stride = stride
-        self.conv0 = WSConv2d(in_ch, width, 1, input_scale=gamma * beta)
+        self.conv0 = WSConv2d(in_ch, width, 1, input_scale=gamma * beta, activation=activation)
         self.conv1 = WSConv2d(width, width, 3, stride=stride, groups=groups, input_scale=gamma)
         self.se = SqueezeExcite(width, se_ratio)
         self.conv2 = WSConv2d(width, out_ch, 1, input_scale=gamma)
         self.conv_shortcut = (WSConv2d(in_ch, out_ch, 1, input_scale=gamma * beta)
                               if stride > 1 or in_ch != out_ch else None)
 
-    def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        h = self.act(x)  # × γβ, folded into conv0 and conv_shortcut
-        shortcut = pooled_shortcut(x, h, self.stride, self.conv_shortcut)
-        r = self.conv1(self.act(self.conv0(h)))
-        r = self.conv2(self.act(r * self.se(r)))
-        return shortcut, r, None
+    def shortcut(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        # h = act(x); its × γβ is folded into conv0 and conv_shortcut
+        return pooled_shortcut(x, h, self.stride, self.conv_shortcut)
+
+    def residual(self, h: torch.Tensor) -> tuple[torch.Tensor, None]:
+        r = self.conv1(self.conv0(h))  # conv0 ends with act
+        return self.conv2(self.act(r * self.se(r))), None
 
     def flops(self, h: float, w: float) -> tuple[float, float, float]:
         """(MACs, output h, output w) by the official NFBlock.count_flops rule."""

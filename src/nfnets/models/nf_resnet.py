@@ -29,19 +29,21 @@ class NFResBlock(NFResidualBlock):
         gamma = fold_gamma(activation)
         self.act = activation_fn(activation)
         self.stride = stride
-        self.conv0 = WSConv2d(in_ch, width, 1, input_scale=gamma * beta)
-        self.conv1 = WSConv2d(width, width, 3, stride=stride, input_scale=gamma)
+        self.conv0 = WSConv2d(in_ch, width, 1, input_scale=gamma * beta, activation=activation)
+        self.conv1 = WSConv2d(width, width, 3, stride=stride, input_scale=gamma,
+                              activation=activation)
         self.conv2 = WSConv2d(width, out_ch, 1, input_scale=gamma)
         self.conv_shortcut = (WSConv2d(in_ch, out_ch, 1, stride=stride, input_scale=gamma * beta)
                               if stride > 1 or in_ch != out_ch else None)
         self.se = SqueezeExcite(out_ch, se_ratio) if use_se else None
 
-    def branches(self, x: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        h = self.act(x)  # × γβ, folded into conv0 and conv_shortcut
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(h)
-        r = self.conv2(self.act(self.conv1(self.act(self.conv0(h)))))
-        return shortcut, r, None if self.se is None else self.se(r)
+    def shortcut(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        # h = act(x); its × γβ is folded into conv0 and conv_shortcut
+        return x if self.conv_shortcut is None else self.conv_shortcut(h)
+
+    def residual(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r = self.conv2(self.conv1(self.conv0(h)))  # conv0 and conv1 end with act
+        return r, None if self.se is None else self.se(r)
 
     def flops(self, h: float, w: float) -> tuple[float, float, float]:
         """(MACs, output h, output w) by the official rule (MACs of every conv and SE FC)."""

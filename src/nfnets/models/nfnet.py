@@ -48,23 +48,27 @@ class NFBlock(NFResidualBlock):
         gamma = fold_gamma(activation)
         self.act = activation_fn(activation)
         self.stride = stride
-        self.conv0 = WSConv2d(in_ch, width, 1, input_scale=gamma * beta)
-        self.conv1 = WSConv2d(width, width, 3, stride=stride, groups=groups, input_scale=gamma)
-        self.conv1b = (WSConv2d(width, width, 3, groups=groups, input_scale=gamma)
+        self.conv0 = WSConv2d(in_ch, width, 1, input_scale=gamma * beta, activation=activation)
+        self.conv1 = WSConv2d(width, width, 3, stride=stride, groups=groups, input_scale=gamma,
+                              activation=activation)
+        self.conv1b = (WSConv2d(width, width, 3, groups=groups, input_scale=gamma,
+                                activation=activation)
                        if use_two_convs else None)
         self.conv2 = WSConv2d(width, out_ch, 1, input_scale=gamma)
         self.conv_shortcut = (WSConv2d(in_ch, out_ch, 1, input_scale=gamma * beta)
                               if stride > 1 or in_ch != out_ch else None)
         self.se = SqueezeExcite(out_ch, se_ratio)
 
-    def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = self.act(x)  # × γβ, folded into conv0 and conv_shortcut
-        shortcut = pooled_shortcut(x, h, self.stride, self.conv_shortcut)
-        r = self.conv1(self.act(self.conv0(h)))
+    def shortcut(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        # h = act(x); its × γβ is folded into conv0 and conv_shortcut
+        return pooled_shortcut(x, h, self.stride, self.conv_shortcut)
+
+    def residual(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.conv1(self.conv0(h))  # each of these convs ends with act
         if self.conv1b is not None:
-            r = self.conv1b(self.act(r))
-        r = self.conv2(self.act(r))
-        return shortcut, r, self.se(r)
+            r = self.conv1b(r)
+        r = self.conv2(r)
+        return r, self.se(r)
 
     def flops(self, h: float, w: float) -> tuple[float, float, float]:
         """(MACs, output h, output w) by the official NFBlock.count_flops rule."""
@@ -97,12 +101,11 @@ class NFNet(NFModel):
         stem_ch = widths[0] // 2  # 128 for F, 192 for '+' (official: first width // 2)
         # Stem: four 3×3 convs, strides 2, 1, 1, 2; no activation after the last one.
         self.stem = nn.Sequential()
-        self.stem.add_module("conv0", WSConv2d(in_chans, 16, 3, stride=2))
-        self.stem.add_module("act0", _Act(activation))
-        self.stem.add_module("conv1", WSConv2d(16, 32, 3, input_scale=gamma))
-        self.stem.add_module("act1", _Act(activation))
-        self.stem.add_module("conv2", WSConv2d(32, 64, 3, input_scale=gamma))
-        self.stem.add_module("act2", _Act(activation))
+        self.stem.add_module("conv0", WSConv2d(in_chans, 16, 3, stride=2, activation=activation))
+        self.stem.add_module("conv1", WSConv2d(16, 32, 3, input_scale=gamma,
+                                               activation=activation))
+        self.stem.add_module("conv2", WSConv2d(32, 64, 3, input_scale=gamma,
+                                               activation=activation))
         self.stem.add_module("conv3", WSConv2d(64, stem_ch, 3, stride=2, input_scale=gamma))
 
         blocks, ch = [], stem_ch
@@ -134,17 +137,3 @@ class NFNet(NFModel):
             h, w = h / conv.stride[0], w / conv.stride[1]
         return total, h, w
 
-
-class _Act(nn.Module):
-    """Plain activation inside the stem; its gamma is folded into the next conv."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = name
-        self.fn = activation_fn(name)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-    def extra_repr(self) -> str:
-        return f"{self.name} (gamma folded into the next conv)"
