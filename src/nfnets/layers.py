@@ -36,6 +36,7 @@ __all__ = [
     "WSConv2d",
     "activation_fn",
     "avg_pool_same",
+    "capturing_graph",
     "conv2d_same",
     "eager_inference",
     "max_pool_same",
@@ -174,6 +175,17 @@ def max_pool_same(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(pad_same(x, (3, 3), (2, 2), value=-math.inf), 3, 2)
 
 
+def _pad_for_conv(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...]
+                  ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(input, conv padding) for TF 'SAME': the input is padded explicitly only where the
+    padding is asymmetric; symmetric padding is left to the conv, which makes no copy."""
+    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0])
+    left, right = same_padding(x.shape[-1], kernel[1], stride[1])
+    if top == bottom and left == right:
+        return x, (top, left)
+    return F.pad(x, (left, right, top, bottom)), (0, 0)
+
+
 def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 stride: tuple[int, int], groups: int) -> torch.Tensor:
     """conv2d with TF 'SAME' padding; pads explicitly only when the padding is asymmetric.
@@ -181,13 +193,8 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Symmetric cases (every stride-1 conv, stride-2 convs on odd sizes) use the conv's own
     padding argument, so no padded copy of the input is made.
     """
-    kh, kw = weight.shape[-2:]
-    top, bottom = same_padding(x.shape[-2], kh, stride[0])
-    left, right = same_padding(x.shape[-1], kw, stride[1])
-    if top == bottom and left == right:
-        return F.conv2d(x, weight, bias, stride, (top, left), 1, groups)
-    x = F.pad(x, (left, right, top, bottom))
-    return F.conv2d(x, weight, bias, stride, 0, 1, groups)
+    x, padding = _pad_for_conv(x, weight.shape[-2:], stride)
+    return F.conv2d(x, weight, bias, stride, padding, 1, groups)
 
 
 # oneDNN post-op (attr, scalars, algorithm) of each nonlinearity it can fuse into a conv, with
@@ -219,11 +226,17 @@ def _onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def capturing_graph() -> bool:
+    """Whether ``torch.compile``, tracing or ONNX export is recording the running code (which
+    then must keep to static shapes and ops that every backend knows)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
+
+
 def eager_inference() -> bool:
-    """Autograd is off and nothing traces, exports or compiles the call: the state in which
-    inference may reuse buffers in place and call eager-only kernels."""
-    return not (torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+    """Autograd is off and no graph is being captured: the state in which inference may reuse
+    buffers in place and call eager-only kernels."""
+    return not (torch.is_grad_enabled() or capturing_graph())
 
 
 def onednn_inference(x: torch.Tensor) -> bool:
@@ -316,13 +329,8 @@ class Conv2dSame(nn.Conv2d):
         # The oneDNN op reads the raw buffer: it needs a dense NCHW or NHWC input, not a view.
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
-        kh, kw = self.kernel_size
-        top, bottom = same_padding(x.shape[-2], kh, self.stride[0])
-        left, right = same_padding(x.shape[-1], kw, self.stride[1])
-        if top != bottom or left != right:
-            x = F.pad(x, (left, right, top, bottom))
-            top = left = 0
-        padding, stride = [top, left], list(self.stride)
+        x, padding = _pad_for_conv(x, self.kernel_size, self.stride)
+        padding, stride = list(padding), list(self.stride)
         # oneDNN picks the packed layout for an input shape (a mismatch costs a reorder per
         # call, 2x on 1x1 convs); any batch size runs fast with it.
         key = self._weight_key() + (dtype, tuple(x.shape[1:]))

@@ -20,6 +20,7 @@ from ..layers import (
     WSConv2d,
     activation_fn,
     avg_pool_same,
+    capturing_graph,
     eager_inference,
     onednn_inference,
 )
@@ -154,8 +155,7 @@ def _kept_samples(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     sample is kept the branch still has to run (with zero weight), so that every parameter
     receives a gradient, as DistributedDataParallel requires.
     """
-    if (x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export()):
+    if x.device.type != "cpu" or capturing_graph():
         return None
     kept = mask.flatten().nonzero().flatten()
     return kept if 0 < kept.numel() < mask.shape[0] else None
