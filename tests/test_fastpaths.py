@@ -261,8 +261,11 @@ def test_onednn_model_inference_equals_plain_path(name, config):
             p.add_(0.1 * torch.randn_like(p))
         x = torch.randn(2, 3, 33, 33)
         features = model.forward_features(x)
+        features_nhwc = model.forward_features(x.contiguous(memory_format=torch.channels_last))
         fast = model(x)
-    assert features.is_contiguous(memory_format=torch.channels_last)
+    assert features.is_contiguous()  # the caller's layout back, although NHWC inside
+    assert features_nhwc.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(features_nhwc, features, rtol=1e-5, atol=1e-6)
     assert rel_err(fast, plain(model, x)) < 1e-5
     assert rel_err(copy.deepcopy(model).fuse()(x), plain(model, x)) < 1e-5
 

@@ -215,10 +215,12 @@ class NFModel(nn.Module):
             )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, num_features, H/32, W/32) map after the final conv and its activation."""
+        """(B, num_features, H/32, W/32) map after the final conv and its activation, in the
+        memory layout of ``x``."""
         self._check_input(x)
-        if onednn_inference(x):
-            # oneDNN's inference convs run fastest on NHWC; every other op keeps the layout.
+        # oneDNN's inference convs run fastest on NHWC; every other op keeps the layout.
+        to_nhwc = onednn_inference(x) and not x.is_contiguous(memory_format=torch.channels_last)
+        if to_nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -227,7 +229,8 @@ class NFModel(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
         else:
             x = self.blocks(x)
-        return self.final_act(self.final_conv(x))
+        x = self.final_act(self.final_conv(x))
+        return x.contiguous() if to_nhwc else x  # a small map: callers may .view() it
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool, dropout (training only), classifier."""
