@@ -230,6 +230,8 @@ def test_onednn_packed_weight_follows_parameter_changes_and_input_shapes():
     assert conv._packed.value is not packed
     y = torch.randn(3, 4, 7, 5)  # another size re-packs for that shape
     torch.testing.assert_close(conv(y), plain(conv, y))
+    conv.double()  # moving or casting the module frees the packed copy at once
+    assert conv._packed.value is None
 
 
 @needs_onednn

@@ -349,6 +349,12 @@ class Conv2dSame(nn.Conv2d):
         """Drop cached inference weights (needed only after changing parameters via ``.data``)."""
         self._packed.clear()
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .double(), ... make new parameters: free the caches of the old ones
+        # now rather than at the next inference call (which may never come on this device).
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation}"
 
