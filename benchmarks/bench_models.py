@@ -33,7 +33,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import load_average, machine_info, update_doc
 from torch import nn
 
 import nfnets
@@ -72,7 +72,9 @@ MOMENTUM, WEIGHT_DECAY, CLIPPING, AGC_EPS = 0.9, 2e-5, 0.01, 1e-3
 # The issue's targets on the 2-core CPU: (key, description, threshold, "min" | "max").
 CPU_TARGETS = [
     ("train_vs_timm", "training images/s, ours / timm (fp32, eager)", 1.10, "min"),
-    ("eval_vs_timm", "eval images/s, ours / timm (fp32)", 1.25, "min"),
+    ("eval_vs_timm", "eval images/s, ours / timm (fp32, exact path)", 1.25, "min"),
+    ("eval_winograd_vs_timm", "eval images/s, ours with Winograd (opt-in) / timm (fp32)", 1.25,
+     "min"),
     ("latency_vs_timm", "batch-1 latency, ours / timm (fp32)", 0.80, "max"),
     ("bf16_vs_fp32", "bf16 training images/s / our fp32", 1.80, "min"),
     ("utilisation", "model FLOP rate / matmul FLOP rate (fp32 training)", 0.75, "min"),
@@ -224,16 +226,17 @@ class TrainStep:
 
 
 def eval_forward(model: nn.Module, batch: int, size: int, device: torch.device,
-                 amp: torch.dtype | None = None, channels_last: bool = False
-                 ) -> Callable[[], None]:
-    """A no-grad forward of ``model`` (already in its final form) on a fixed batch."""
+                 amp: torch.dtype | None = None, channels_last: bool = False,
+                 winograd: bool = False) -> Callable[[], None]:
+    """A no-grad forward of ``model`` (already in its final form) on a fixed batch, with
+    nfnets' Winograd inference path on or off."""
     model.eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     x, _ = inputs(batch, size, device, channels_last)
 
     def run() -> None:
-        with torch.no_grad(), autocast(device, amp):
+        with torch.no_grad(), autocast(device, amp), nfnets.use_winograd(winograd):
             model(x)
 
     return run
@@ -326,24 +329,28 @@ EVAL_SIDES = ("ours", "ours_fused", "timm")  # ours = eval mode with its cached 
 
 @dataclass(frozen=True)
 class Spec:
-    """A case spec ``side:dtype[:cl][:compile]``, e.g. ``ours:bf16:cl``."""
+    """A case spec ``side:dtype[:cl][:compile][:winograd]``, e.g. ``ours:bf16:cl``.
+
+    ``winograd`` runs eval/latency under ``nfnets.use_winograd()`` (CPU inference only).
+    """
 
     side: str
     dtype: str
     channels_last: bool = False
     compile: bool = False
+    winograd: bool = False
 
     @classmethod
     def parse(cls, text: str, sides: tuple[str, ...]) -> Spec:
         side, dtype, *flags = text.strip().split(":")
-        if side not in sides or dtype not in DTYPES or set(flags) - {"cl", "compile"}:
-            raise ValueError(f"bad case {text!r}: use side:dtype[:cl][:compile] with side in "
-                             f"{sides} and dtype in {tuple(DTYPES)}")
-        return cls(side, dtype, "cl" in flags, "compile" in flags)
+        if side not in sides or dtype not in DTYPES or set(flags) - {"cl", "compile", "winograd"}:
+            raise ValueError(f"bad case {text!r}: use side:dtype[:cl][:compile][:winograd] with "
+                             f"side in {sides} and dtype in {tuple(DTYPES)}")
+        return cls(side, dtype, "cl" in flags, "compile" in flags, "winograd" in flags)
 
     def __str__(self) -> str:
         return ":".join([self.side, self.dtype] + ["cl"] * self.channels_last
-                        + ["compile"] * self.compile)
+                        + ["compile"] * self.compile + ["winograd"] * self.winograd)
 
 
 def parse_specs(text: str, sides: tuple[str, ...]) -> list[Spec]:
@@ -391,32 +398,14 @@ def eval_models(specs: list[Spec], device: torch.device) -> dict[Spec, nn.Module
 def eval_section(specs: list[Spec], models: dict[Spec, nn.Module], batch: int, size: int,
                  reps: int, args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
     cases = [Case(str(spec), eval_forward(models[spec], batch, size, device,
-                                          DTYPES[spec.dtype], spec.channels_last), batch)
+                                          DTYPES[spec.dtype], spec.channels_last,
+                                          spec.winograd), batch)
              for spec in specs]
     run_interleaved(cases, args.warmup, reps, device)
     return {case.name: case.summary() for case in cases}
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu": _cpu_name(), "logical_cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        match = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
-        if match:
-            return match.group(1).strip()
-    return platform.processor() or "unknown"
 
 
 def versions() -> dict:
@@ -440,6 +429,12 @@ def _best(section: dict, prefixes: tuple[str, ...], key: str, lowest: bool = Fal
     if not found:
         return None, None
     return (min if lowest else max)(found, key=lambda item: item[1])
+
+
+def _cases(section: dict, winograd: bool, compiled: bool = False) -> dict:
+    """The eager cases of ``section`` with or without Winograd (plus compiled ones if asked)."""
+    return {name: res for name, res in section.items()
+            if ("winograd" in name) == winograd and (compiled or "compile" not in name)}
 
 
 def ratios(report: dict) -> dict:
@@ -466,19 +461,22 @@ def ratios(report: dict) -> dict:
                                  _get(train, "timm:fp32", "median_s")),
     }
     eager = ("ours:fp32", "ours_fused:fp32")  # eager fp32 paths, NCHW or channels-last
-    name, best = _best({k: v for k, v in ev.items() if "compile" not in k}, eager, ips)
-    out["eval_vs_timm"] = _ratio(best, _get(ev, "timm:fp32", ips))
-    out["eval_vs_timm_case"] = name
-    name, best = _best(ev, eager, ips)
-    out["eval_best_vs_timm"] = _ratio(best, _get(ev, "timm:fp32", ips))
+    timm_ips, timm_latency = _get(ev, "timm:fp32", ips), _get(lat, "timm:fp32", "median_s")
+    for suffix, winograd in (("", False), ("_winograd", True)):
+        # The exact path and the opt-in Winograd path (~1e-5 per conv) are reported apart.
+        ev_cases = _cases(ev, winograd)
+        name, best = _best(ev_cases, eager, ips)
+        out[f"eval{suffix}_vs_timm"] = _ratio(best, timm_ips)
+        out[f"eval{suffix}_vs_timm_case"] = name
+        name, best = _best(_cases(lat, winograd), eager, "median_s", lowest=True)
+        out[f"latency{suffix}_vs_timm"] = _ratio(best, timm_latency)
+        out[f"latency{suffix}_vs_timm_case"] = name
+    name, best = _best(_cases(ev, False, compiled=True), eager, ips)
+    out["eval_best_vs_timm"] = _ratio(best, timm_ips)
     out["eval_best_vs_timm_case"] = name
     out["eval_compiled_vs_timm_compiled"] = _ratio(
         _best(ev, ("ours_fused:fp32:compile", "ours_fused:fp32:cl:compile"), ips)[1],
         _get(ev, "timm:fp32:compile", ips))
-    name, best = _best({k: v for k, v in lat.items() if "compile" not in k}, eager,
-                       "median_s", lowest=True)
-    out["latency_vs_timm"] = _ratio(best, _get(lat, "timm:fp32", "median_s"))
-    out["latency_vs_timm_case"] = name
     out["memory_vs_timm"] = _ratio(mem.get("ours", {}).get("step_bytes"),
                                    mem.get("timm", {}).get("step_bytes"))
     return out
@@ -568,8 +566,12 @@ def markdown(report: dict) -> str:
         f = report["figures"]
         lines.append("")
         if f["eval_vs_timm_case"] or f["latency_vs_timm_case"]:
-            lines.append(f"Eval/latency use our fastest eager fp32 path: "
+            lines.append(f"Eval/latency use our fastest exact eager fp32 path: "
                          f"{f['eval_vs_timm_case']} / {f['latency_vs_timm_case']}.")
+        if f.get("eval_winograd_vs_timm_case"):
+            lines.append(f"With the opt-in Winograd path ({f['eval_winograd_vs_timm_case']}, "
+                         f"~1e-5 relative error per conv): batch-1 latency "
+                         f"{_fmt(f.get('latency_winograd_vs_timm'))}× timm's.")
         lines += [f"AGC share of our step: {_fmt(100 * (f['agc_share'] or 0), 1)}% (timm's: "
                   f"{_fmt(100 * (f['timm_agc_share'] or 0), 1)}%).", ""]
         if f["eval_best_vs_timm_case"] != f["eval_vs_timm_case"]:
@@ -580,23 +582,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def update_doc(path: Path, name: str, text: str) -> None:
-    """Replace the text between ``<!-- bench:name:begin/end -->`` in ``path`` (or append)."""
-    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
-    block = f"{begin}\n{text}\n{end}"
-    doc = path.read_text() if path.exists() else "# Performance\n"
-    if begin in doc and end in doc:
-        doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip("\n") + f"\n\n{block}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc)
-
-
 # ----------------------------------------------------------------------------- main
 
 CPU_TRAIN_CASES = "ours:fp32,timm:fp32,ours:bf16,timm:bf16,ours:fp32:cl,ours:bf16:cl"
-CPU_EVAL_CASES = "ours:fp32,ours_fused:fp32,timm:fp32,ours_fused:bf16,timm:bf16,ours_fused:fp32:cl"
+CPU_EVAL_CASES = ("ours:fp32,ours_fused:fp32,timm:fp32,ours_fused:bf16,timm:bf16,"
+                  "ours_fused:fp32:cl,ours_fused:fp32:cl:winograd")
 CPU_COMPILE_TRAIN = "ours:fp32:compile,timm:fp32:compile"
 CPU_COMPILE_EVAL = "ours_fused:fp32:compile,timm:fp32:compile"
 SECTIONS = ("train", "eval", "latency", "memory")
@@ -669,7 +659,7 @@ def run(args: argparse.Namespace, command: str, with_targets: bool,
               "command": command, "args": {k: str(v) if isinstance(v, Path) else v
                                            for k, v in vars(args).items()},
               "machine": machine_info(device), "versions": versions(),
-              "load_before": _load(), "notes": list(notes), "results": {}}
+              "load_before": load_average(), "notes": list(notes), "results": {}}
     results = report["results"]
     if "train" in sections:
         print("training steps ...", flush=True)
@@ -688,7 +678,7 @@ def run(args: argparse.Namespace, command: str, with_targets: bool,
     if "memory" in sections:
         print("memory ...", flush=True)
         results["memory"] = {side: memory_in_subprocess(side, args) for side in TRAIN_SIDES}
-    report["load_after"] = _load()
+    report["load_after"] = load_average()
     report["figures"] = ratios(report)
     if with_targets:
         report["targets"] = targets(report["figures"])
@@ -700,13 +690,6 @@ def run(args: argparse.Namespace, command: str, with_targets: bool,
         update_doc(args.doc, args.name, text)
     print(text)
     return report
-
-
-def _load() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -463,3 +463,65 @@ def test_cpu_benchmark_writes_json_and_doc_block(tmp_path):
     text = doc.read_text()
     assert "old" not in text and "prose" in text and "more prose" in text
     assert "| ours:fp32 |" in text and text.count("<!-- bench:cpu:begin -->") == 1
+
+
+def test_benchmark_reports_the_winograd_path_apart_from_the_exact_one():
+    pytest.importorskip("timm")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_models
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    spec = bench_models.Spec.parse("ours_fused:fp32:cl:winograd", bench_models.EVAL_SIDES)
+    assert spec.winograd and spec.channels_last and str(spec) == "ours_fused:fp32:cl:winograd"
+    with pytest.raises(ValueError, match="winograd"):
+        bench_models.Spec.parse("ours:fp32:fast", bench_models.EVAL_SIDES)
+
+    def case(ips):
+        return {"images_per_s": ips, "median_s": 1 / ips}
+
+    section = {"ours_fused:fp32": case(4.0), "ours_fused:fp32:winograd": case(5.0),
+               "timm:fp32": case(3.2)}
+    figures = bench_models.ratios({"results": {"eval": section, "latency": section}})
+    assert figures["eval_vs_timm"] == pytest.approx(1.25)
+    assert figures["eval_vs_timm_case"] == "ours_fused:fp32"
+    assert figures["eval_winograd_vs_timm"] == pytest.approx(5.0 / 3.2)
+    assert figures["latency_winograd_vs_timm"] == pytest.approx(3.2 / 5.0)
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("pads,value", [((0, 1, 0, 1), 0.0), ((1, 3, 2, 0), 0.0),
+                                        ((0, 1, 0, 1), -float("inf")), ((0, 0, 0, 0), 0.0)])
+def test_border_only_pad_equals_f_pad(layout, pads, value):
+    from nfnets.padding import pad2d
+
+    x = torch.randn(2, 3, 5, 4)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = pad2d(x, *pads, value=value)
+    torch.testing.assert_close(out, F.pad(x, pads, value=value), rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    y = torch.randn(1, 2, 3, 3, requires_grad=True)  # with autograd it is F.pad itself
+    pad2d(y, 1, 0, 0, 1).sum().backward()
+    torch.testing.assert_close(y.grad, torch.ones_like(y))
+
+
+def test_inference_gelu_is_the_tanh_gelu():
+    from nfnets.layers import activation_fn
+
+    gelu = activation_fn("gelu")
+    x = torch.linspace(-12, 12, 101 * 198).reshape(1, 1, 101, 198)
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 80.0, -80.0]).expand(1, 1, 101, 6)
+                   ], dim=-1)
+    kept = x.clone()
+    with torch.no_grad():
+        fast = gelu(x)  # the sigmoid form, in float32 CPU inference
+    exact = F.gelu(x.double(), approximate="tanh")
+    torch.testing.assert_close(x, kept, rtol=0, atol=0)  # the input is not modified
+    torch.testing.assert_close(fast.double(), exact, rtol=1e-6, atol=1e-6)
+    assert (fast.double() - exact).abs().max() <= 2 * (F.gelu(x, approximate="tanh").double()
+                                                        - exact).abs().max() + 1e-7

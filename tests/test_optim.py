@@ -1,6 +1,7 @@
 """Tests for nfnets.optim: the official parameter groups, SGD + AGC order, schedule and EMA."""
 
 import copy
+import gc
 import math
 
 import pytest
@@ -441,6 +442,9 @@ def _ddp_worker(rank, world_size, init_file, out_file, steps):
             opt.step()
         if rank == 0:
             torch.save(model.module.state_dict(), out_file)
+        dist.barrier()
+        del model, opt
+        gc.collect()  # free DDP's reducer while its process group still exists
     finally:
         dist.destroy_process_group()
 

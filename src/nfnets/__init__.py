@@ -18,6 +18,7 @@ from .optim import (
     warmup_cosine_lr,
 )
 from .weights import convert_official, load_pretrained, load_weights, save_weights
+from .winograd import set_winograd, use_winograd
 
 __version__ = "0.1.0"
 
@@ -39,8 +40,10 @@ __all__ = [
     "param_groups",
     "peak_lr",
     "save_weights",
+    "set_winograd",
     "sgd_agc",
     "signal_metrics",
+    "use_winograd",
     "warmup_cosine",
     "warmup_cosine_lr",
 ]

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import winograd
 from .agc import remember_unit_norms
+from .padding import pad2d
 
 __all__ = [
     "ACTIVATION_GAMMAS",
@@ -76,7 +78,19 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# 2·sqrt(2/π) and 2·sqrt(2/π)·0.044715: 0.5·(1 + tanh(u)) = sigmoid(2u) for the tanh GELU's
+# u = sqrt(2/π)·(x + 0.044715·x³).
+_GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
+_GELU_2C3 = _GELU_2C * 0.044715
+
+
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float32 and x.device.type == "cpu" and eager_inference():
+        # The same function as x·sigmoid(2u): PyTorch's CPU sigmoid is ~4x cheaper than its
+        # tanh, so these six in-place passes take 20-45 % less time than
+        # F.gelu(approximate="tanh") (less on maps too big for the cache) at the same float32
+        # accuracy (tests compare both). No autograd here, so no saved tensors to worry about.
+        return torch.square(x).mul_(_GELU_2C3).add_(_GELU_2C).mul_(x).sigmoid_().mul_(x)
     return F.gelu(x, approximate="tanh")
 
 
@@ -157,7 +171,7 @@ def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
     left, right = same_padding(x.shape[-1], kernel[1], stride[1])
     if top == bottom == left == right == 0:
         return x
-    return F.pad(x, (left, right, top, bottom), value=value)
+    return pad2d(x, left, right, top, bottom, value)
 
 
 def avg_pool_same(x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +197,7 @@ def _pad_for_conv(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, .
     left, right = same_padding(x.shape[-1], kernel[1], stride[1])
     if top == bottom and left == right:
         return x, (top, left)
-    return F.pad(x, (left, right, top, bottom)), (0, 0)
+    return pad2d(x, left, right, top, bottom), (0, 0)
 
 
 def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -302,6 +316,7 @@ class Conv2dSame(nn.Conv2d):
         self.activation = activation
         self.act = None if activation is None else activation_fn(activation)
         self._packed = _WeightCache()
+        self._winograd = _WeightCache()
 
     def conv_weight(self) -> torch.Tensor:
         """The weight the convolution uses."""
@@ -329,6 +344,8 @@ class Conv2dSame(nn.Conv2d):
         # The oneDNN op reads the raw buffer: it needs a dense NCHW or NHWC input, not a view.
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
+        if winograd.applies(x, self.weight.shape, self.stride, self.groups):
+            return self._forward_winograd(x)
         x, padding = _pad_for_conv(x, self.kernel_size, self.stride)
         padding, stride = list(padding), list(self.stride)
         # oneDNN picks the packed layout for an input shape (a mismatch costs a reorder per
@@ -345,9 +362,17 @@ class Conv2dSame(nn.Conv2d):
             y = self.act(y)
         return y
 
+    def _forward_winograd(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self._winograd.get(self._weight_key(), lambda: winograd.PackedWeights(
+            lambda: winograd.transform_weight(self.conv_weight().detach()),
+            self.out_channels, self.in_channels, self.groups))
+        y = winograd.conv3x3(x, weights, self.bias.detach())
+        return y if self.act is None else self.act(y)
+
     def clear_cache(self) -> None:
         """Drop cached inference weights (needed only after changing parameters via ``.data``)."""
         self._packed.clear()
+        self._winograd.clear()
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .double(), ... make new parameters: free the caches of the old ones

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import gc
 import importlib.util
 import json
 import math
@@ -238,6 +239,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
                 bar.close()
                 _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main)
                 log.close()
+                del step_model, ddp_model
                 _teardown(world)
                 if is_main:
                     print(f"nfnets: stopped at step {state['step']} as asked; continue with "
@@ -260,6 +262,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
     }
     if is_main:
         log.finish(summary, model, ema, train_set)
+    del step_model, ddp_model
     _teardown(world)
     return summary
 
@@ -375,8 +378,13 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
 
 
 def _teardown(world: int) -> None:
+    """Leave the process group; the caller has dropped its DDP wrapper."""
     if world > 1 and dist.is_initialized():
         dist.barrier()
+        # Free DDP's reducer while its process group still exists: a reducer outliving
+        # destroy_process_group made a gloo rank abort at exit ("terminate called without an
+        # active exception") in about 1 of 20 two-process test runs; none in 45 runs since.
+        gc.collect()
         dist.destroy_process_group()
 
 
