@@ -525,3 +525,20 @@ def test_inference_gelu_is_the_tanh_gelu():
     torch.testing.assert_close(fast.double(), exact, rtol=1e-6, atol=1e-6)
     assert (fast.double() - exact).abs().max() <= 2 * (F.gelu(x, approximate="tanh").double()
                                                         - exact).abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("size", [(6, 8), (7, 8), (1, 1)])
+def test_average_pool_equals_the_library_kernel_with_gradients(dtype, size):
+    from nfnets.layers import avg_pool_same
+
+    x = torch.randn(2, 3, *size, dtype=dtype, requires_grad=True)
+    expected = F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
+    out = avg_pool_same(x)
+    assert out.is_contiguous() and out.dtype == dtype
+    torch.testing.assert_close(out, expected, rtol=1e-6 if dtype != torch.bfloat16 else 1e-2,
+                               atol=1e-7)
+    g = torch.randn_like(expected)
+    (grad,) = torch.autograd.grad(out, x, g)
+    (expected_grad,) = torch.autograd.grad(expected, x, g)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)

@@ -180,8 +180,38 @@ def avg_pool_same(x: torch.Tensor) -> torch.Tensor:
     Haiku's SAME average pool divides each window by its number of valid pixels. Padding is
     only ever needed after the last row/column (odd sizes); ``ceil_mode`` makes PyTorch clip
     that last window and divide by its clipped size, which is the same thing without a pad.
+    Even-sized NCHW maps take :class:`_AvgPool2x2` instead (same values, faster).
     """
+    if (x.ndim == 4 and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0 and x.is_contiguous()
+            and x.is_floating_point() and not capturing_graph()):
+        return _AvgPool2x2.apply(x)
     return F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
+
+
+class _AvgPool2x2(torch.autograd.Function):
+    """2×2 stride-2 mean of an even-sized NCHW map as two strided adds.
+
+    PyTorch's NCHW CPU ``avg_pool2d`` walks every window with scalar code: 8.5 ms forward and
+    18 ms forward + backward on F0's 8×256×48×48 transition input, against 1.6 and 9.5 ms here
+    (bfloat16: 24 → 11 ms forward + backward). Its channels-last kernel is fast, but training
+    runs NCHW. Sums are taken in float32 at least and rounded once, as the library kernel does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.input_shape = x.shape
+        left = x[..., 0::2]
+        if x.element_size() < 4:
+            left = left.float()
+        pairs = left + x[..., 1::2]  # adjacent columns
+        pooled = torch.add(pairs[..., 0::2, :], pairs[..., 1::2, :]).mul_(0.25)  # rows
+        return pooled.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = ctx.input_shape
+        quarter = (grad * 0.25)[:, :, :, None, :, None]
+        return quarter.expand(n, c, h // 2, 2, w // 2, 2).reshape(n, c, h, w)
 
 
 def max_pool_same(x: torch.Tensor) -> torch.Tensor:
