@@ -9,8 +9,8 @@ for Convolutional Neural Networks", arXiv 1509.09308, the F(4×4, 3×3) matrices
 so the multiplications become 36 independent (tiles × C) @ (C × K) products, one per tile
 position ξ, which run as oneDNN 1×1 convolutions on pre-transformed, pre-packed weights.
 The transforms are a few dozen additions over the activations. On a 2-core AMD EPYC, F0's
-stride-1 3×3 convs with GELU run 1.45× faster at batch 8 and the whole F0 forward 1.12×
-(``benchmarks/bench_winograd.py``, docs/performance.md).
+stride-1 3×3 convs with GELU run 1.34–1.47× faster at batch 8, and the whole F0 forward
+1.06–1.12× (``benchmarks/bench_winograd.py``, docs/performance.md).
 
 The price is precision: the transforms scale values by up to ~100 before the products, so an
 output carries ~1e-5 relative error (max |error| / max |output|) instead of direct
