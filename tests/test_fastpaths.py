@@ -505,8 +505,15 @@ def test_border_only_pad_equals_f_pad(layout, pads, value):
         out = pad2d(x, *pads, value=value)
     torch.testing.assert_close(out, F.pad(x, pads, value=value), rtol=0, atol=0)
     assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
-    y = torch.randn(1, 2, 3, 3, requires_grad=True)  # with autograd it is F.pad itself
-    pad2d(y, 1, 0, 0, 1).sum().backward()
+
+
+def test_same_padding_keeps_gradients_with_autograd():
+    from nfnets.layers import pad_same
+
+    y = torch.randn(1, 2, 4, 4, requires_grad=True)  # with autograd it is F.pad itself
+    padded = pad_same(y, (3, 3), (2, 2))
+    assert padded.shape[-2:] == (5, 5)
+    padded.sum().backward()
     torch.testing.assert_close(y.grad, torch.ones_like(y))
 
 

@@ -171,7 +171,15 @@ def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
     left, right = same_padding(x.shape[-1], kernel[1], stride[1])
     if top == bottom == left == right == 0:
         return x
-    return pad2d(x, left, right, top, bottom, value)
+    return _pad(x, left, right, top, bottom, value)
+
+
+def _pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int,
+         value: float = 0.0) -> torch.Tensor:
+    """Constant padding: one pass in eager inference (``pad2d``), else ``F.pad``."""
+    if eager_inference():
+        return pad2d(x, left, right, top, bottom, value)
+    return F.pad(x, (left, right, top, bottom), value=value)
 
 
 def avg_pool_same(x: torch.Tensor) -> torch.Tensor:
@@ -227,7 +235,7 @@ def _pad_for_conv(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, .
     left, right = same_padding(x.shape[-1], kernel[1], stride[1])
     if top == bottom and left == right:
         return x, (top, left)
-    return pad2d(x, left, right, top, bottom), (0, 0)
+    return _pad(x, left, right, top, bottom), (0, 0)
 
 
 def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
