@@ -23,6 +23,7 @@ output tiles; everything else stays on the direct path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -180,16 +181,13 @@ def _output_transform(m: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) ->
 
 
 class _Workspace:
-    """Scratch tensors of one conv call, reused by all its chunks (fresh pages cost a fault
-    each: allocating them per chunk was measurably slower)."""
+    """Scratch tensors of one conv call, allocated once and reused by all its chunks."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         buffer = self._buffers.get(name)
         if buffer is None or buffer.numel() < numel:
             buffer = self._buffers[name] = like.new_empty(numel)
