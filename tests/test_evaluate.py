@@ -440,7 +440,7 @@ def test_cli_predict_crops_unless_the_run_is_digits(tmp_path, capsys, monkeypatc
         seen.append((image_size, crop))
         return preprocess_image(path, image_size, crop=crop)
 
-    monkeypatch.setattr(nfnets.evaluate, "preprocess_image", recording)
+    monkeypatch.setattr(nfnets.cli.predict, "preprocess_image", recording)
     run = write_run(tmp_path / "run", data=data)
     image = write_png(tmp_path / "digit.png", size=8)
     status, out, err = cli(capsys, "predict", image, "--weights", run, "--json")

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
 from .files import atomic_write
-from .weights import CheckpointError
 
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from nfnets.augment import (
+from .augment import (
     DEFAULT_LABEL_SMOOTHING,
     AugmentConfig,
     _randint,
@@ -56,6 +56,7 @@ from nfnets.augment import (
     mix_batch,
     rand_augment_batch,
 )
+from .errors import DataError
 
 IMAGE_EXTENSIONS = tuple(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm".split())
 # official.md §6.4, nfnets/dataset.py MEAN_RGB / STDDEV_RGB (ImageNet statistics x 255)
@@ -69,10 +70,6 @@ RANDOM_CROP_ATTEMPTS = 10  # official.md §6.2
 MAX_CONSECUTIVE_SKIPS = 100  # more unreadable images in a row than this is a broken dataset
 _DIGITS_MAX_VALUE = 16.0  # sklearn digits pixels are 0..16
 DIGITS_CROP_AREA = (0.8, 1.0)  # mild crop: a digit must stay recognisable
-
-
-class DataError(ValueError):
-    """The data folder or its contents cannot be used; the message says how to fix it."""
 
 
 class SkippedImageWarning(UserWarning):

@@ -11,11 +11,9 @@ The ``nfnets eval`` and ``nfnets predict`` subcommands are thin wrappers over th
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,17 +26,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .checkpoint import list_checkpoints, load_checkpoint
-from .cli import UsageError
 from .data import (
     CROP_PADDING,
     DataError,
-    EvalTransform,
-    ImageFolderDataset,
-    digits_datasets,
-    eval_loader,
     load_rgb,
     normalize,
 )
+from .errors import UsageError
 from .models import create_model, model_defaults
 from .weights import (
     CheckpointError,
@@ -49,7 +43,6 @@ from .weights import (
     read_official_checkpoint,
     read_weights_metadata,
 )
-from .winograd import use_winograd
 
 __all__ = ["evaluate", "load_inference_model", "predict", "preprocess_image"]
 
@@ -400,167 +393,3 @@ def predict(model: nn.Module, images: Sequence[PathLike], classes: Sequence[str]
     inputs = (preprocess_image(p, image_size, crop=crop) for p in images)
     return [[(names[i], p) for i, p in pairs]
             for pairs in _top_k(model, inputs, top_k, device, batch_size)]
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: nfnets eval / nfnets predict
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ema", action="store_true",
-                        help="use the EMA weights of a run directory or training checkpoint")
-    parser.add_argument("--model", metavar="NAME",
-                        help="model name (official .npz files: instead of detecting it)")
-    parser.add_argument("--image-size", type=int, metavar="S",
-                        help="test resolution (default: the run's, else the variant's)")
-    parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--winograd", action="store_true",
-                        help="CPU: run stride-1 3x3 convs as Winograd F(4x4,3x3), ~10%% faster "
-                        "on NFNet-F0 for ~1e-5 relative error per conv (see docs/performance.md)")
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"--device: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def _positive(value: int | None, flag: str) -> None:
-    if value is not None and value < 1:
-        raise UsageError(f"{flag} must be positive, got {value}")
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``nfnets eval``."""
-    parser.add_argument("path", metavar="PATH",
-                        help="run directory, .safetensors, training checkpoint .pt or "
-                        "official F*_haiku.npz")
-    parser.add_argument("--data", required=True, metavar="DIR",
-                        help="ImageNet-style folder (DIR/<split>/<class>/<image>), or 'digits' "
-                        "for the bundled digits held-out split")
-    parser.add_argument("--split", default="val", help="split folder under DIR (default: val)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH,
-                        help=f"images per batch (default: {DEFAULT_EVAL_BATCH}, as official)")
-    parser.add_argument("--num-workers", type=int, default=0,
-                        help="data loading processes (default: 0)")
-    _add_model_arguments(parser)
-
-
-def _eval_dataset(args: argparse.Namespace, info: dict[str, Any], image_size: int):
-    if args.data == "digits":
-        return digits_datasets(image_size, seed=info["seed"])[1], "digits held-out split"
-    dataset = ImageFolderDataset(args.data, args.split, EvalTransform(image_size))
-    return dataset, str(dataset.split_dir)
-
-
-def _check_classes(dataset_classes: list[str], model: nn.Module, info: dict[str, Any],
-                   where: str) -> None:
-    if len(dataset_classes) != model.num_classes:
-        raise UsageError(
-            f"{where} has {len(dataset_classes)} classes but {info['source']} predicts "
-            f"{model.num_classes}; evaluate on data with the classes the model was trained on"
-        )
-    known = info["classes"]
-    # official weights carry ImageNet's readable names, never the folder's synset ids
-    if known is not None and list(known) not in (list(dataset_classes), _imagenet_classes()):
-        print(f"nfnets eval: warning: the class names of {where} differ from the run's "
-              "(labels are matched by sorted position)", file=sys.stderr)
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """``nfnets eval``: top-1/top-5 at the test resolution, single centre crop."""
-    _positive(args.image_size, "--image-size")
-    _positive(args.batch_size, "--batch-size")
-    if args.num_workers < 0:
-        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
-    device = _resolve_device(args.device)
-    model, info = load_inference_model(args.path, model_name=args.model, ema=args.ema)
-    image_size = args.image_size or info["test_size"]
-    dataset, where = _eval_dataset(args, info, image_size)
-    _check_classes(dataset.classes, model, info, where)
-    loader = eval_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                         pin_memory=device.type == "cuda")
-    with use_winograd(args.winograd):
-        metrics = evaluate(model.to(device), loader, device)
-    result = {**metrics, "model": info["model_name"], "source": info["source"],
-              "ema": info["ema"], "image_size": image_size, "data": where}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{info['model_name']}{' (EMA)' if info['ema'] else ''} from {info['source']} "
-              f"on {where}: {metrics['count']} images at {image_size} px")
-        print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-              f"loss {metrics['loss']:.4f}")
-        if metrics["skipped_images"]:
-            print(f"{metrics['skipped_images']} unreadable images were replaced by their "
-                  "neighbours (see the warnings above)")
-    return 0
-
-
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``nfnets predict``."""
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--weights", required=True, metavar="PATH",
-                        help="run directory, .safetensors, training checkpoint .pt or "
-                        "official F*_haiku.npz")
-    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
-                        help=f"classes to show per image (default: {DEFAULT_TOP_K})")
-    _add_model_arguments(parser)
-
-
-def _print_predictions(images: list[str], predictions: dict[str, list[tuple[int, float]]],
-                       errors: dict[str, str], names: list[str], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps([
-            {"image": image, "error": errors[image]} if image in errors else
-            {"image": image, "predictions": [{"class": names[i], "index": i, "probability": p}
-                                             for i, p in predictions[image]]}
-            for image in images
-        ], indent=2))
-        return
-    for image in images:
-        if image in predictions:
-            print(image)
-            for i, p in predictions[image]:
-                print(f"  {100 * p:6.2f}%  {names[i]}")
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    """``nfnets predict``: top-k classes per image. An unreadable image is reported (stderr,
-    and as an "error" entry with --json) and the others are still predicted; the exit status
-    is then 2."""
-    _positive(args.image_size, "--image-size")
-    _positive(args.top_k, "--top-k")
-    device = _resolve_device(args.device)
-    model, info = load_inference_model(args.weights, model_name=args.model, ema=args.ema)
-    model.to(device)
-    image_size = args.image_size or info["test_size"]
-    crop = info["data"] != "digits"  # the digits demo evaluates whole images (data.py)
-    names = _class_names(info["classes"], model.num_classes)
-    readable: list[str] = []
-    errors: dict[str, str] = {}
-
-    def inputs() -> Iterator[Tensor]:
-        for image in args.images:
-            try:
-                tensor = preprocess_image(image, image_size, crop=crop)
-            except (DataError, FileNotFoundError) as err:
-                errors[image] = str(err)
-                print(f"nfnets predict: error: {err}", file=sys.stderr)
-                continue
-            readable.append(image)
-            yield tensor
-
-    with use_winograd(args.winograd):  # the list fills readable and errors
-        results = list(_top_k(model, inputs(), args.top_k, device))
-    predictions = dict(zip(readable, results, strict=True))
-    _print_predictions(args.images, predictions, errors, names, args.json)
-    return 2 if errors else 0

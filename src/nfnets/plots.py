@@ -10,15 +10,12 @@ display is needed and pyplot's global state (and any interactive backend) is lef
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from .cli import UsageError
 
 __all__ = ["plot_run", "read_metrics"]
 
@@ -135,19 +132,3 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
                 out / "clip_fraction.png"),
     ]
     return [path for path in figures if path is not None]
-
-
-def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``nfnets plot``."""
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="training run directory")
-
-
-def run_plot(args: argparse.Namespace) -> int:
-    """``nfnets plot``: draw the curves and print the paths of the PNG files."""
-    try:
-        paths = plot_run(args.run_dir)
-    except (ValueError, ImportError) as err:
-        raise UsageError(str(err)) from None
-    for path in paths:
-        print(path)
-    return 0

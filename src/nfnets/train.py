@@ -11,8 +11,6 @@ nfnet_f0`` (ImageNet-style folder), ``torchrun --nproc-per-node N -m nfnets trai
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
 import gc
 import importlib.util
@@ -21,7 +19,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,7 +32,6 @@ from torch import nn
 
 from .augment import AugmentConfig
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .cli import RunFailed, UsageError
 from .data import (
     digits_datasets,
     digits_recipe_changes,
@@ -43,6 +39,7 @@ from .data import (
     imagenet_datasets,
     train_loader,
 )
+from .errors import RunFailed, UsageError
 from .files import atomic_write
 from .models import create_model, model_defaults
 from .optim import EMA, optimizer_step, peak_lr, sgd_agc, warmup_cosine_lr
@@ -632,122 +629,3 @@ class _NoBar:
 
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``nfnets train``: one per TrainConfig field (defaults: the paper's recipe)."""
-    parser.add_argument("--config", help="JSON file of TrainConfig fields read first")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its newest checkpoint")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="start N DDP processes on this machine (as torchrun would)")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="create_model override, e.g. width=0.5 or depths=[1,1,2,1]")
-    helps = {
-        "data": "'digits' (bundled) or an ImageNet-style folder with train/ and val/",
-        "model": "model name (see nfnets list); recipe: nfnet_f0, digits: a scaled-down F0",
-        "out": "run directory",
-        "epochs": "training epochs (recipe: 360; digits: 15)",
-        "batch_size": "global batch size, split over processes (recipe: 4096; digits: 64)",
-        "lr": "peak learning rate (recipe: 0.1 × batch / 256)",
-        "warmup_epochs": "linear warm-up from 0 (recipe: 5)",
-        "weight_decay": "coupled L2 after clipping; none on gains and biases",
-        "clipping": "AGC clipping factor λ, classifier weight excluded (0 disables AGC)",
-        "momentum": "Nesterov momentum",
-        "label_smoothing": "applied after MixUp/CutMix label mixing",
-        "ema_decay": "EMA decay, with the warm-up min(decay, (1+t)/(10+t))",
-        "stochdepth_rate": "stochastic depth rate r; block i of N drops with r·i/N "
-                           "(recipe: 0.25)",
-        "drop_rate": "dropout before the classifier (recipe: the variant's, F0 0.2)",
-        "augment": "official augmentation name, e.g. cutmix_mixup_randaugment_405, or none",
-        "train_size": "training resolution (recipe: the variant's, F0 192)",
-        "test_size": "evaluation resolution (recipe: the variant's, F0 256)",
-        "precision": "fp32, bf16 or fp16 (autocast; fp16 uses a GradScaler)",
-        "channels_last": "channels-last memory format (measure: often slower for NFNets)",
-        "compile": "torch.compile the training step",
-        "grad_accum": "micro-batches per optimiser step (gradients averaged, clipped once)",
-        "grad_checkpointing": "recompute blocks in backward to save memory (big variants)",
-        "num_workers": "DataLoader worker processes",
-        "seed": "seed of the data order, augmentation and initialisation",
-        "init_from": "fine-tune from weights (safetensors, official .npz, run dir); new head",
-        "save_every": "also checkpoint every N optimiser steps (always at epoch ends)",
-        "keep_checkpoints": "how many of the newest checkpoints to keep",
-        "eval_batch_size": "evaluation batch size",
-        "max_nonfinite": "stop after this many consecutive non-finite losses",
-        "log_every": "write a metrics line every N steps",
-        "tensorboard": "also log to DIR/tensorboard (needs the tensorboard package)",
-        "progress": "show a progress bar on terminals",
-        "device": "auto, cpu, cuda or cuda:N",
-        "stop_at_step": "stop after step N with a checkpoint (resume later with --resume)",
-    }
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "model_args":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{helps[f.name]} (default: {default})")
-            continue
-        kind = {"int": int, "float": float, "str": str}
-        type_name = str(f.type).split("|")[0].strip()
-        parser.add_argument(flag, type=kind.get(type_name, str), default=None,
-                            help=helps[f.name] if default is None
-                            else f"{helps[f.name]} (default: {default})")
-
-
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config: no such file: {path}")
-        values = json.loads(path.read_text())
-        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if unknown:
-            raise UsageError(f"--config: unknown keys {sorted(unknown)}")
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            values[f.name] = value
-    model_args = dict(values.get("model_args", {}))
-    for item in args.model_arg:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            model_args[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            model_args[key] = text
-    values["model_args"] = model_args
-    return TrainConfig(**values)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """``nfnets train``: parse, maybe relaunch under DDP, train."""
-    cfg = _config_from_args(args)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(cfg, args)
-    train(cfg, resume=args.resume)
-    return 0
-
-
-def _launch(cfg: TrainConfig, args: argparse.Namespace) -> int:
-    """Re-run this command in ``--nproc`` processes through PyTorch's elastic launcher."""
-    from torch.distributed.run import main as torchrun
-
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(dataclasses.asdict(cfg), f)
-    command = [f"--nproc-per-node={args.nproc}", "--standalone", "-m", "nfnets", "train",
-               "--config", f.name]
-    if args.resume:
-        command += ["--resume", args.resume]
-    try:
-        torchrun(command)
-    finally:
-        os.unlink(f.name)
-    return 0

@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .errors import CheckpointError
 from .files import atomic_write
 
 __all__ = [
@@ -52,10 +53,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
-
-
-class CheckpointError(ValueError):
-    """A weights file is malformed, unsafe, or does not fit the model it is loaded into."""
 
 
 # --------------------------------------------------------------------------------------------
