@@ -7,7 +7,8 @@ exception (a genuine bug) show its traceback.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DataError", "NFNetsError", "RunFailed", "UsageError"]
+__all__ = ["CheckpointError", "DataError", "DownloadError", "NFNetsError", "RunFailed",
+           "UsageError"]
 
 
 class NFNetsError(Exception):
@@ -28,3 +29,8 @@ class CheckpointError(NFNetsError, ValueError):
 
 class RunFailed(NFNetsError, RuntimeError):
     """A run could not finish (e.g. repeated non-finite losses)."""
+
+
+class DownloadError(CheckpointError):
+    """Weights could not be downloaded or failed their checksum; the message says how to
+    place the file by hand."""

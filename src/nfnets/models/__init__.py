@@ -7,13 +7,11 @@ Names: ``nfnet_f0`` … ``nfnet_f7``, ``nfnet_f0_plus`` … ``nfnet_f7_plus`` (o
 from __future__ import annotations
 
 import difflib
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .common import NFModel, NFResidualBlock, signal_metrics
+from .features import FeatureExtractor
 from .nf_regnet import NFRegNet, NFRegNetBlock
 from .nf_resnet import NFResBlock, NFResNet
 from .nfnet import NFBlock, NFNet
@@ -25,9 +23,9 @@ from .variants import (
 )
 
 __all__ = [
-    "NFBlock", "NFModel", "NFNet", "NFRegNet", "NFRegNetBlock", "NFResBlock", "NFResNet",
-    "NFResidualBlock", "create_model", "list_models", "model_defaults", "nf_regnet",
-    "nf_resnet", "nfnet", "signal_metrics",
+    "FeatureExtractor", "NFBlock", "NFModel", "NFNet", "NFRegNet", "NFRegNetBlock",
+    "NFResBlock", "NFResNet", "NFResidualBlock", "create_model", "list_models",
+    "model_defaults", "nf_regnet", "nf_resnet", "nfnet", "signal_metrics",
 ]
 
 
@@ -117,32 +115,43 @@ def nf_regnet(variant: str = "B0", **overrides) -> NFRegNet:
 _BUILDERS = {"nfnet": nfnet, "nf_resnet": nf_resnet, "nf_regnet": nf_regnet}
 
 
-def create_model(name: str, num_classes: int = 1000, pretrained: str | Path | None = None,
-                 **overrides) -> NFModel:
+def create_model(name: str, num_classes: int = 1000,
+                 pretrained: bool | str | Path | None = None, *, features_only: bool = False,
+                 out_indices: tuple[int, ...] = (0, 1, 2, 3, 4), **overrides
+                 ) -> NFModel | FeatureExtractor:
     """Build model ``name`` (see ``list_models()``), optionally loading weights.
 
     ``overrides`` replace the official constructor defaults: e.g. ``width``, ``depths``,
     ``widths``, ``group_width`` (NFNet), ``activation``, ``alpha``, ``se_ratio``,
-    ``stochdepth_rate``, ``drop_rate``, ``in_chans``. ``pretrained`` is a path to DeepMind's
-    released ``F*_haiku.npz`` or to a safetensors file saved by nfnets; its class count must
-    equal ``num_classes`` (fine-tune with ``model.reset_classifier(n)`` after loading).
+    ``stochdepth_rate``, ``drop_rate``, ``in_chans``.
+
+    ``pretrained``: ``True`` for DeepMind's released weights of ``name`` (nfnet_f0 … f6),
+    downloaded once into ``torch.hub.get_dir()/checkpoints`` and verified
+    (``nfnets.pretrained``); ``"hf-hub:timm/dm_nfnet_f0.dm_in1k"`` for timm's copy on the
+    Hugging Face Hub; or a path to any weights file nfnets reads (DeepMind's ``F*_haiku.npz``,
+    an nfnets ``.safetensors``, a timm checkpoint). With True or a Hub name, another
+    ``num_classes`` keeps all but the classifier; options that change shapes are refused.
+
+    ``features_only=True`` returns a backbone (``nfnets.models.features.FeatureExtractor``)
+    whose forward gives the feature maps ``out_indices`` of the stem (0) and stages (1-4).
     """
     key, entry = _entry(name)
+    if features_only:
+        model = create_model(key, num_classes, pretrained, **overrides)
+        return FeatureExtractor(model, out_indices)
+    if pretrained is not None and pretrained is not False:
+        from ..pretrained import build_pretrained
+
+        return build_pretrained(key, pretrained, num_classes, overrides)
     builder = _BUILDERS[entry.family]
     kwargs = {"num_classes": num_classes, **overrides}
     try:
-        # With weights to load, skip the random initialisation: build without storage and
-        # adopt the loaded tensors (F6's init alone takes seconds).
-        with torch.device("meta") if pretrained is not None else nullcontext():
-            model = builder(entry.variant, **kwargs)
+        # With weights to load, skip the random initialisation: under a meta-device context
+        # (the pretrained loaders) the model is built without storage.
+        model = builder(entry.variant, **kwargs)
     except TypeError as err:
         raise ValueError(f"invalid option for {key}: {err}") from None
     model.model_name = key
     model.model_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
     model.default_cfg = model_defaults(key)
-    if pretrained is not None:
-        from ..weights import load_pretrained
-
-        load_pretrained(model, pretrained, assign=True)
     return model
-

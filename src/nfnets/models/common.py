@@ -24,6 +24,7 @@ from ..layers import (
     eager_inference,
     onednn_inference,
 )
+from . import features
 
 
 def conv_flops(conv: WSConv2d, h: float, w: float) -> float:
@@ -244,6 +245,19 @@ class NFModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
+
+    @property
+    def feature_info(self) -> list[dict[str, object]]:
+        """Channels, reduction and module of the stem and stage feature taps, timm's format
+        (see nfnets.models.features)."""
+        return features.feature_info(self)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, *,
+                              stop_early: bool = False, intermediates_only: bool = False):
+        """``(forward_features(x), [feature maps of indices])``: 0 the stem, 1-4 the stages,
+        pre-activation as timm's (see nfnets.models.features.forward_intermediates)."""
+        return features.forward_intermediates(self, x, indices, stop_early=stop_early,
+                                              intermediates_only=intermediates_only)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
