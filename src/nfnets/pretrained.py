@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import urllib.error
 import urllib.request
 import warnings
@@ -369,22 +370,34 @@ def checksum_warning(path: Path) -> str | None:
 _LISTED_KEYS = 3
 
 
-def _mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], str]:
-    """(one-line descriptions of the keys that differ, outside the classifier; what the file
-    looks like)."""
+def _natural(key: str) -> list[Any]:
+    """Sort key that puts blocks.2 before blocks.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
+def _mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """One line describing how ``state_dict`` differs from ``model`` outside the classifier
+    (empty if it fits): counts, the first keys, and the variant the weights belong to."""
     from .weights import detect_variant
 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
     found = {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith("fc.")}
-    diffs = sorted(f"{k} {found[k]} in the file, {expected[k]} in the model"
-                   for k in expected.keys() & found.keys() if expected[k] != found[k])
-    diffs += sorted(f"{k} missing from the file" for k in expected.keys() - found.keys())
-    diffs += sorted(f"{k} not in the model" for k in found.keys() - expected.keys())
+    wrong = sorted((k for k in expected.keys() & found.keys() if expected[k] != found[k]),
+                   key=_natural)
+    missing = sorted(expected.keys() - found.keys(), key=_natural)
+    unexpected = sorted(found.keys() - expected.keys(), key=_natural)
+    if not (wrong or missing or unexpected):
+        return ""
+    listed = ([f"{k} is {found[k]} in the weights, {expected[k]} in the model" for k in wrong]
+              + [f"{k} missing from the weights" for k in missing]
+              + [f"{k} not in the model" for k in unexpected])
+    more = f" and {len(listed) - _LISTED_KEYS} more" if len(listed) > _LISTED_KEYS else ""
     try:
-        looks = f"; it holds {detect_variant(state_dict)} weights"
+        looks = f"; they are {detect_variant(state_dict)} weights"
     except CheckpointError:
         looks = ""
-    return diffs, looks
+    return (f"{len(wrong)} wrong-shape, {len(missing)} missing, {len(unexpected)} unexpected "
+            f"keys{looks}: {'; '.join(listed[:_LISTED_KEYS])}{more}")
 
 
 def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
@@ -395,11 +408,9 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     class count); every other key must fit, else CheckpointError in one line naming the first
     mismatched keys and the variant the weights belong to.
     """
-    diffs, looks = _mismatch(model, state_dict)
-    if diffs:
-        more = f" and {len(diffs) - _LISTED_KEYS} more" if len(diffs) > _LISTED_KEYS else ""
-        raise CheckpointError(f"{source} does not fit {model.model_name}{looks}: "
-                              f"{'; '.join(diffs[:_LISTED_KEYS])}{more}")
+    mismatch = _mismatch(model, state_dict)
+    if mismatch:
+        raise CheckpointError(f"{source} does not fit {model.model_name} ({mismatch})")
     head = {k: v for k, v in state_dict.items() if k.startswith("fc.")}
     body = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
     model_head = {k: v for k, v in model.state_dict().items() if k.startswith("fc.")}
