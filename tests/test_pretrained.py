@@ -53,12 +53,12 @@ class Server:
         self.thread.join()
 
 
-@pytest.fixture
-def tiny_release(tmp_path, monkeypatch):
-    """(record, source model, server): a tiny F0 served in the official format and registered
-    as the release of nfnet_f0; TORCH_HOME and NFNETS_WEIGHTS_URL point at tmp_path/server."""
+def serve_release(tmp_path, monkeypatch, model_kwargs, num_classes):
+    """(record, source model, server): a small NFNet written in the official format, served
+    over HTTP and registered as the release of nfnet_f0; TORCH_HOME and NFNETS_WEIGHTS_URL
+    point at tmp_path and the server."""
     torch.manual_seed(0)
-    source = nfnets.create_model("nfnet_f0", num_classes=10, **TINY_F0).eval()
+    source = nfnets.create_model("nfnet_f0", num_classes=num_classes, **model_kwargs).eval()
     with torch.no_grad():
         for p in source.parameters():  # skip gains start at 0: make every weight matter
             p.add_(0.1 * torch.randn_like(p))
@@ -68,12 +68,18 @@ def tiny_release(tmp_path, monkeypatch):
     md5 = hashlib.md5(path.read_bytes()).hexdigest()
     record = OfficialRelease("tiny", "nfnet_f0", md5, 1.0, 2.0, 32, 48,
                              sum(p.numel() for p in source.parameters()), False,
-                             file_size=path.stat().st_size, num_classes=10,
-                             model_kwargs=TINY_F0)
+                             file_size=path.stat().st_size, num_classes=num_classes,
+                             model_kwargs=model_kwargs)
     monkeypatch.setitem(OFFICIAL_RELEASES, "nfnet_f0", record)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     server = Server(served)
     monkeypatch.setenv(pretrained.URL_ENV, server.url + "/")
+    return record, source, server
+
+
+@pytest.fixture
+def tiny_release(tmp_path, monkeypatch):
+    record, source, server = serve_release(tmp_path, monkeypatch, TINY_F0, 10)
     yield record, source, server
     server.stop()
 

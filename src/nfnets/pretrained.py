@@ -471,3 +471,51 @@ def build_pretrained(name: str, pretrained: bool | str | os.PathLike, num_classe
     load_state_dict_into(model, state_dict, source)
     model.pretrained_cfg = cfg
     return model
+
+
+def named_weights(spec: str) -> tuple[str, dict[str, torch.Tensor], str] | None:
+    """``(model name, state dict in our names, source)`` of a released model name
+    (``nfnet_f0``, ``F0``) or an ``hf-hub:`` name; None for anything else (a path).
+
+    The Hub's model name is read from the weights (timm's dm_nfnet_f0 … f6 are F0 … F6).
+    """
+    from .models import _canonical as canonical
+    from .models import list_models
+    from .timm_compat import HF_HUB_PREFIX, hf_hub_state_dict
+    from .weights import detect_variant
+
+    if spec.startswith(HF_HUB_PREFIX):
+        state_dict = hf_hub_state_dict(spec)
+        return detect_variant(state_dict), state_dict, spec
+    name = canonical(spec)
+    if name not in list_models() or Path(spec).exists():
+        return None
+    release = get_release(name)
+    return name, _official_state_dict(fetch_release(release)), release_url(release)
+
+
+def load_backbone(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str
+                  ) -> nn.Module:
+    """Load everything but the classifier (fine-tuning); CheckpointError in one line if the
+    rest does not fit."""
+    mismatch = _mismatch(model, state_dict)
+    if mismatch:
+        raise CheckpointError(f"{source} does not fit {model.model_name} ({mismatch})")
+    body = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    missing = model.load_state_dict(body, strict=False).missing_keys
+    assert all(k.startswith("fc.") for k in missing), missing  # checked by _mismatch
+    return model
+
+
+def weights_model_name(spec: str) -> str | None:
+    """The model a released name or ``hf-hub:`` name holds, without downloading weights
+    (``hf-hub:timm/dm_nfnet_f3.dm_in1k`` → ``nfnet_f3``); None for anything else."""
+    from .models import _canonical as canonical
+    from .models import list_models
+    from .timm_compat import HF_HUB_PREFIX
+
+    if spec.startswith(HF_HUB_PREFIX):
+        match = re.search(r"dm_nfnet_(f\d)\b", spec)
+        return f"nfnet_{match.group(1)}" if match else None
+    name = canonical(spec)
+    return name if name in list_models() and not Path(spec).exists() else None

@@ -41,8 +41,10 @@ from .data import (
 )
 from .errors import RunFailed, UsageError
 from .files import atomic_write
+from .finetune import finetune_preset
 from .models import create_model, model_defaults
 from .optim import EMA, optimizer_step, peak_lr, sgd_agc, warmup_cosine_lr
+from .pretrained import load_backbone, named_weights, weights_model_name
 from .weights import load_pretrained, save_weights
 
 # The digits demo's model: NFNet-F0's architecture (same blocks, stem, head, β/α, SE, SkipInit)
@@ -74,7 +76,7 @@ class TrainConfig:
     batch_size: int | None = None  # global batch; recipe: 4096
     lr: float | None = None  # peak; recipe: 0.1 · batch / 256
     warmup_epochs: float | None = None  # recipe: 5, linear from exactly 0 (official.md §5.2)
-    weight_decay: float = 2e-5  # coupled L2, after clipping (§5.3)
+    weight_decay: float | None = None  # coupled L2 after clipping; recipe 2e-5 (§5.3)
     clipping: float = 0.01  # AGC λ; 0 turns AGC off (§5.1)
     momentum: float = 0.9  # Nesterov (§5.1)
     label_smoothing: float = 0.1  # §5.6
@@ -91,7 +93,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     num_workers: int = 0
     seed: int = 0
-    init_from: str | None = None  # fine-tune: weights file or run; the head is re-initialised
+    # fine-tune (nfnets.finetune preset): weights file, run, released name or hf-hub: name;
+    # the head is re-initialised
+    init_from: str | None = None
     save_every: int = 0  # steps between checkpoints (0: at each epoch's end only)
     keep_checkpoints: int = 3
     eval_batch_size: int = 50  # official eval batch
@@ -106,6 +110,8 @@ class TrainConfig:
         """A copy with every None filled in from the variant's recipe (or the digits demo)."""
         cfg = dataclasses.replace(self, model_args=dict(self.model_args))
         demo = cfg.data == "digits"
+        if cfg.model is None and cfg.init_from and not demo:
+            cfg.model = weights_model_name(cfg.init_from)  # None for a file or run
         if cfg.model is None:
             cfg.model = DIGITS_MODEL
             if demo:
@@ -113,13 +119,17 @@ class TrainConfig:
         defaults = model_defaults(cfg.model)
         recipe = {"epochs": 360, "batch_size": 4096, "warmup_epochs": 5.0,
                   "stochdepth_rate": 0.25, "augment": _recipe_augment(defaults),
-                  "drop_rate": defaults["drop_rate"]}
+                  "drop_rate": defaults["drop_rate"], "weight_decay": 2e-5}
         if demo:
             recipe.update(DIGITS_OVERRIDES)
             size = cfg.train_size or cfg.test_size or DIGITS_IMAGE_SIZE
             recipe.update(train_size=size, test_size=size)
         else:
             recipe.update(train_size=defaults["train_size"], test_size=defaults["test_size"])
+        if cfg.init_from:  # fine-tuning: the paper's transfer preset (nfnets.finetune)
+            base = recipe if demo else {}  # the demo keeps its batch and length
+            recipe.update(finetune_preset(cfg.batch_size or base.get("batch_size"),
+                                          cfg.epochs or base.get("epochs")))
         for key, value in recipe.items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
@@ -173,7 +183,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
                          stochdepth_rate=cfg.stochdepth_rate, drop_rate=cfg.drop_rate,
                          **cfg.model_args)
     if cfg.init_from and resume is None:
-        load_pretrained(model, _weights_file(cfg.init_from), skip_classifier=True)
+        named = named_weights(cfg.init_from)  # a released or hf-hub: name
+        if named is None:
+            load_pretrained(model, _weights_file(cfg.init_from), skip_classifier=True)
+        else:
+            load_backbone(model, named[1], named[2])
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.to(device)
     if cfg.channels_last:

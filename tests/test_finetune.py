@@ -1,0 +1,63 @@
+"""The fine-tuning preset of `nfnets train --init-from` (paper App. A.4-A.5, nfnets.finetune)."""
+
+import pytest
+import torch
+from test_pretrained import serve_release
+
+from nfnets.finetune import FINETUNE_PRESET, PAPER_BATCH, PAPER_LR, finetune_lr
+from nfnets.train import DIGITS_MODEL_ARGS, TrainConfig, train
+
+
+def test_paper_values_are_pinned():
+    # paper App. A.5: lr 0.1 at batch 2048, 5,000 warm-up of 15,000 steps, WD 1e-5,
+    # dropout 0.25, stochastic depth 0.1
+    assert (PAPER_LR, PAPER_BATCH) == (0.1, 2048)
+    assert (FINETUNE_PRESET["weight_decay"], FINETUNE_PRESET["drop_rate"],
+            FINETUNE_PRESET["stochdepth_rate"]) == (1e-5, 0.25, 0.1)
+    assert finetune_lr(2048) == pytest.approx(0.1)
+
+
+def test_init_from_a_released_name_selects_the_preset_without_network():
+    cfg = TrainConfig(data="/data/flowers", init_from="nfnet_f1").resolved()
+    assert cfg.model == "nfnet_f1"  # the weights' model, since --model was not given
+    assert (cfg.weight_decay, cfg.drop_rate, cfg.stochdepth_rate) == (1e-5, 0.25, 0.1)
+    assert (cfg.epochs, cfg.batch_size, cfg.augment) == (10, 256, "none")
+    assert cfg.lr == pytest.approx(0.1 * 256 / 2048)
+    assert cfg.warmup_epochs == pytest.approx(10 / 3)  # the paper's third of the run
+    assert (cfg.train_size, cfg.test_size, cfg.clipping) == (224, 320, 0.01)
+    # flags the user gives win; the learning rate follows their batch
+    mine = TrainConfig(data="/d", init_from="F0", batch_size=64, epochs=30,
+                       weight_decay=0.0).resolved()
+    assert (mine.batch_size, mine.epochs, mine.weight_decay) == (64, 30, 0.0)
+    assert mine.lr == pytest.approx(0.1 * 64 / 2048) and mine.warmup_epochs == pytest.approx(10)
+    hub = TrainConfig(data="/d", init_from="hf-hub:timm/dm_nfnet_f3.dm_in1k").resolved()
+    assert hub.model == "nfnet_f3"
+    # without --init-from, the ImageNet recipe
+    assert TrainConfig(data="/d", model="nfnet_f0").resolved().weight_decay == 2e-5
+
+
+def test_train_init_from_a_released_name_downloads_and_loads_all_but_the_head(
+        tmp_path, monkeypatch):
+    _, source, server = serve_release(tmp_path, monkeypatch, DIGITS_MODEL_ARGS, 1000)
+    try:
+        cfg = TrainConfig(out=str(tmp_path / "run"), init_from="nfnet_f0", epochs=1,
+                          batch_size=128, train_size=16, lr=0.0, warmup_epochs=0.5,
+                          progress=False, stop_at_step=1)
+        train(cfg)
+    finally:
+        server.stop()
+    assert server.requests == 1
+    # lr 0: the saved weights are the released ones, but for the new 10-class head
+    run = tmp_path / "run"
+    saved = _latest_weights(run)
+    for key, value in source.state_dict().items():
+        if key.startswith("fc."):
+            assert saved[key].shape[0] == 10
+        else:
+            torch.testing.assert_close(saved[key], value, msg=key)
+
+
+def _latest_weights(run):
+    from nfnets.checkpoint import list_checkpoints, load_checkpoint
+
+    return load_checkpoint(list_checkpoints(run / "checkpoints")[-1])["model"]
