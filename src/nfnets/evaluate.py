@@ -59,10 +59,10 @@ _MAX_ERROR_CHARS = 600  # torch's load_state_dict message lists every key; keep 
 
 
 def _imagenet_classes() -> list[str]:
-    """ImageNet's 1000 class names in label order (torchvision's copy of the standard list)."""
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
+    """ImageNet's 1000 class names in label order (shipped with nfnets)."""
+    from .pretrained import imagenet_classes
 
-    return list(_IMAGENET_CATEGORIES)
+    return list(imagenet_classes())
 
 
 def _canonical_name(name: str) -> str:

@@ -519,3 +519,38 @@ def weights_model_name(spec: str) -> str | None:
         return f"nfnet_{match.group(1)}" if match else None
     name = canonical(spec)
     return name if name in list_models() and not Path(spec).exists() else None
+
+
+def load_named(spec: str, model_name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model in eval mode, info)`` for ``nfnets eval/predict``: DeepMind's release of
+    ``spec`` (a model name such as ``nfnet_f0``) or an ``hf-hub:`` name.
+
+    ``info`` has the keys of ``nfnets.evaluate.load_inference_model``'s: the class names and
+    test resolution come from the release record (the Hub's timm copies are the same
+    releases), so evaluation uses the published preprocessing unless told otherwise.
+    """
+    from .models import create_model, model_defaults
+
+    named = named_weights(spec)
+    if named is None:
+        raise UsageError(f"{spec!r} is neither a released model name ({_released_names()}) "
+                         "nor an 'hf-hub:' name")
+    name, state_dict, source = named
+    if model_name is not None:
+        from .models import _canonical as canonical
+
+        if canonical(model_name) != name:
+            raise UsageError(f"{spec} holds {name} weights, not {model_name}")
+    num_classes = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else 0
+    release = OFFICIAL_RELEASES.get(name)
+    kwargs = dict(release.model_kwargs) if release and not spec.startswith("hf-hub:") else {}
+    with torch.device("meta"):
+        model = create_model(name, num_classes=num_classes, **kwargs)
+    load_state_dict_into(model, state_dict, source)
+    test_size = release.test_size if release else model_defaults(name)["test_size"]
+    classes = release_classes(release) if release and num_classes == release.num_classes \
+        else None
+    model.pretrained_cfg = {"source": source, **(release.to_dict() if release else {})}
+    info = {"classes": classes, "test_size": test_size, "source": source, "model_name": name,
+            "ema": False, "data": None, "seed": 0}
+    return model.eval(), info

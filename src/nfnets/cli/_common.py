@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import UsageError
+from ..evaluate import load_inference_model
+from ..pretrained import load_named
+from ..timm_compat import HF_HUB_PREFIX
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,6 +19,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use the EMA weights of a run directory or training checkpoint")
     parser.add_argument("--model", metavar="NAME",
                         help="model name (official .npz files: instead of detecting it)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="DeepMind's released weights of --model, downloaded once into "
+                        "the torch hub cache and verified (see nfnets list --pretrained)")
     parser.add_argument("--image-size", type=int, metavar="S",
                         help="test resolution (default: the run's, else the variant's)")
     parser.add_argument("--device", default="auto",
@@ -22,6 +30,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--winograd", action="store_true",
                         help="CPU: run stride-1 3x3 convs as Winograd F(4x4,3x3), ~10%% faster "
                         "on NFNet-F0 for ~1e-5 relative error per conv (see docs/performance.md)")
+
+
+def load_model(args: argparse.Namespace, path: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model and its info for eval/predict: from ``path`` (a file, a run, an 'hf-hub:'
+    name) or, with ``--pretrained``, the release of ``--model``."""
+    if args.pretrained:
+        if path:
+            raise UsageError("give a weights path or --pretrained, not both")
+        if not args.model:
+            raise UsageError("--pretrained needs --model NAME (nfnets list --pretrained)")
+        if args.ema:
+            raise UsageError("released weights are a single set; drop --ema")
+        return load_named(args.model)
+    if not path:
+        raise UsageError("give a weights path, or --model NAME --pretrained")
+    if path.startswith(HF_HUB_PREFIX):
+        return load_named(path, args.model)
+    return load_inference_model(path, model_name=args.model, ema=args.ema)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,16 +11,16 @@ from torch import nn
 
 from ..data import EvalTransform, ImageFolderDataset, digits_datasets, eval_loader
 from ..errors import UsageError
-from ..evaluate import DEFAULT_EVAL_BATCH, _imagenet_classes, evaluate, load_inference_model
+from ..evaluate import DEFAULT_EVAL_BATCH, _imagenet_classes, evaluate
 from ..winograd import use_winograd
-from ._common import add_model_arguments, positive, resolve_device
+from ._common import add_model_arguments, load_model, positive, resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``nfnets eval``."""
-    parser.add_argument("path", metavar="PATH",
-                        help="run directory, .safetensors, training checkpoint .pt or "
-                        "official F*_haiku.npz")
+    parser.add_argument("path", metavar="PATH", nargs="?",
+                        help="run directory, .safetensors, training checkpoint .pt, "
+                        "official F*_haiku.npz or hf-hub:ORG/NAME (or --model X --pretrained)")
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="ImageNet-style folder (DIR/<split>/<class>/<image>), or 'digits' "
                         "for the bundled digits held-out split")
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     device = resolve_device(args.device)
-    model, info = load_inference_model(args.path, model_name=args.model, ema=args.ema)
+    model, info = load_model(args, args.path)
     image_size = args.image_size or info["test_size"]
     dataset, where = _eval_dataset(args, info, image_size)
     _check_classes(dataset.classes, model, info, where)

@@ -14,19 +14,18 @@ from ..evaluate import (
     DEFAULT_TOP_K,
     _class_names,
     _top_k,
-    load_inference_model,
     preprocess_image,
 )
 from ..winograd import use_winograd
-from ._common import add_model_arguments, positive, resolve_device
+from ._common import add_model_arguments, load_model, positive, resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``nfnets predict``."""
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--weights", required=True, metavar="PATH",
-                        help="run directory, .safetensors, training checkpoint .pt or "
-                        "official F*_haiku.npz")
+    parser.add_argument("--weights", metavar="PATH",
+                        help="run directory, .safetensors, training checkpoint .pt, "
+                        "official F*_haiku.npz or hf-hub:ORG/NAME (or --model X --pretrained)")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
                         help=f"classes to show per image (default: {DEFAULT_TOP_K})")
     add_model_arguments(parser)
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     positive(args.image_size, "--image-size")
     positive(args.top_k, "--top-k")
     device = resolve_device(args.device)
-    model, info = load_inference_model(args.weights, model_name=args.model, ema=args.ema)
+    model, info = load_model(args, args.weights)
     model.to(device)
     image_size = args.image_size or info["test_size"]
     crop = info["data"] != "digits"  # the digits demo evaluates whole images (data.py)
