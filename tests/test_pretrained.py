@@ -201,7 +201,7 @@ def test_unreleased_variants_say_so(name):
         nfnets.create_model(name, pretrained=True)
 
 
-# checkpoint-format.md §1: the official README/paper Table 3 figures, Table 1 resolutions.
+# deepmind-research nfnets/README.md = paper Table 3 (accuracy), paper Table 1 (resolutions).
 PUBLISHED = {"F0": (83.6, 96.8, 192, 256), "F1": (84.7, 97.1, 224, 320),
              "F2": (85.1, 97.3, 256, 352), "F3": (85.7, 97.5, 320, 416),
              "F4": (85.9, 97.6, 384, 512), "F5": (86.0, 97.6, 416, 544),

@@ -115,8 +115,9 @@ class OfficialRelease:
                 "num_classes": self.num_classes, "classes": self.classes}
 
 
-# checkpoint-format.md §1 and §4; the F0 size is from the demo notebook's download log, the
-# others are not published.
+# Published accuracy: deepmind-research nfnets/README.md (= paper Table 3); resolutions: paper
+# Table 1 / nfnets/base.py nfnet_params; checksums: a third-party port's (DeepMind list none);
+# the F0 size is from nfnet_demo_colab.ipynb's download log, the others are not published.
 OFFICIAL_RELEASES: dict[str, OfficialRelease] = {
     r.model_name: r
     for r in (

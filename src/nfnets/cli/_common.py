@@ -32,7 +32,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "on NFNet-F0 for ~1e-5 relative error per conv (see docs/performance.md)")
 
 
-def load_model(args: argparse.Namespace, path: str | None) -> tuple[nn.Module, dict[str, Any]]:
+def model_from_args(args: argparse.Namespace, path: str | None) -> tuple[nn.Module, dict[str, Any]]:
     """The model and its info for eval/predict: from ``path`` (a file, a run, an 'hf-hub:'
     name) or, with ``--pretrained``, the release of ``--model``."""
     if args.pretrained:

@@ -13,7 +13,7 @@ from ..data import EvalTransform, ImageFolderDataset, digits_datasets, eval_load
 from ..errors import UsageError
 from ..evaluate import DEFAULT_EVAL_BATCH, _imagenet_classes, evaluate
 from ..winograd import use_winograd
-from ._common import add_model_arguments, load_model, positive, resolve_device
+from ._common import add_model_arguments, model_from_args, positive, resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     device = resolve_device(args.device)
-    model, info = load_model(args, args.path)
+    model, info = model_from_args(args, args.path)
     image_size = args.image_size or info["test_size"]
     dataset, where = _eval_dataset(args, info, image_size)
     _check_classes(dataset.classes, model, info, where)

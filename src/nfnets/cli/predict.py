@@ -17,7 +17,7 @@ from ..evaluate import (
     preprocess_image,
 )
 from ..winograd import use_winograd
-from ._common import add_model_arguments, load_model, positive, resolve_device
+from ._common import add_model_arguments, model_from_args, positive, resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     positive(args.image_size, "--image-size")
     positive(args.top_k, "--top-k")
     device = resolve_device(args.device)
-    model, info = load_model(args, args.weights)
+    model, info = model_from_args(args, args.weights)
     model.to(device)
     image_size = args.image_size or info["test_size"]
     crop = info["data"] != "digits"  # the digits demo evaluates whole images (data.py)
