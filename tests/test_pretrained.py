@@ -230,3 +230,10 @@ def test_imagenet_class_names_are_shipped():
 def test_record_is_data(tiny_release):
     record, _, _ = tiny_release
     assert replace(record, md5="0" * 32).md5 == "0" * 32
+
+
+def test_pretrained_false_or_none_builds_a_fresh_model():
+    # The first report: pretrained=False used to be taken for a path.
+    for value in (False, None):
+        model = nfnets.create_model("nfnet_f0", pretrained=value, **TINY_F0)
+        assert not next(model.parameters()).is_meta
