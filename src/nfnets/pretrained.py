@@ -362,8 +362,6 @@ def checksum_warning(path: Path) -> str | None:
             "anyway: its structure and every tensor are validated)")
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # create_model(name, pretrained=...)
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "batch_size": "global batch size, split over processes (recipe: 4096; digits: 64)",
         "lr": "peak learning rate (recipe: 0.1 × batch / 256)",
         "warmup_epochs": "linear warm-up from 0 (recipe: 5)",
-        "weight_decay": "coupled L2 after clipping; none on gains and biases",
+        "weight_decay": "coupled L2 after clipping; none on gains and biases (recipe: 2e-5; "
+                        "fine-tuning: 1e-5)",
         "clipping": "AGC clipping factor λ, classifier weight excluded (0 disables AGC)",
         "momentum": "Nesterov momentum",
         "label_smoothing": "applied after MixUp/CutMix label mixing",
@@ -50,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "grad_checkpointing": "recompute blocks in backward to save memory (big variants)",
         "num_workers": "DataLoader worker processes",
         "seed": "seed of the data order, augmentation and initialisation",
-        "init_from": "fine-tune from weights (safetensors, official .npz, run dir); new head",
+        "init_from": "fine-tune from weights: a file, a run dir, a released name (nfnet_f0) or "
+                     "hf-hub:NAME; new head; unset values take the fine-tuning preset "
+                     "(docs/finetuning.md)",
         "save_every": "also checkpoint every N optimiser steps (always at epoch ends)",
         "keep_checkpoints": "how many of the newest checkpoints to keep",
         "eval_batch_size": "evaluation batch size",
