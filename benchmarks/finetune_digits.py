@@ -9,9 +9,10 @@ A transfer experiment that fits on a laptop CPU, built from the bundled digits (
 2. pre-train the digits demo's scaled-down NFNet-F0 on the source folder (the demo's short
    recipe);
 3. fine-tune it on the target folder with ``--init-from`` and the fine-tuning preset
-   (nfnets.finetune), only ``--batch-size`` and ``--epochs`` given for the small folder;
-4. train the same model on the target folder from scratch with the same settings, and with
-   the demo's own short recipe, as the baselines.
+   (nfnets.finetune), nothing else given; and once more with the preset's learning rate
+   scaled linearly with the batch (0.1 · 64/2048) instead;
+4. train the same model on the target folder from scratch with the preset's settings, and
+   with the digits demo's own short recipe, as the baselines.
 
 Writes benchmarks/results/finetune_digits.json (top-1 of each run on the target's held-out
 images). These are digits, not ImageNet: the figures show that the path works and what the
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nfnets.data import digits_datasets
-from nfnets.finetune import finetune_preset
+from nfnets.finetune import PAPER_BATCH, finetune_preset
 from nfnets.train import DIGITS_MODEL_ARGS, TrainConfig, train
 
 SIZE = 32  # train and test resolution
@@ -80,12 +81,15 @@ def main() -> None:
     write_folders(args.work / "data")
     source, target = str(args.work / "data" / "source"), str(args.work / "data" / "target")
     results = {"pretrain_source": run("pretrain", args.work, data=source, **DEMO)}
-    small = {"batch_size": 32, "epochs": 10}  # the preset's batch (256) exceeds this folder
-    results["finetune_preset"] = run("finetune", args.work, data=target,
-                                     init_from=str(args.work / "runs" / "pretrain"), **small)
-    preset = {k: v for k, v in finetune_preset(**small).items() if k not in small}
-    results["scratch_preset_settings"] = run("scratch_preset", args.work, data=target,
-                                             **small, **preset)
+    pretrained = str(args.work / "runs" / "pretrain")
+    # The preset alone: nothing but --init-from (and the small model and image size).
+    results["finetune_preset"] = run("finetune", args.work, data=target, init_from=pretrained)
+    preset = finetune_preset()
+    # The preset with the paper's learning rate scaled linearly with the batch (0.1 · B/2048).
+    scaled = preset["lr"] * preset["batch_size"] / PAPER_BATCH
+    results["finetune_preset_lr_scaled"] = run("finetune_scaled", args.work, data=target,
+                                               init_from=pretrained, lr=scaled)
+    results["scratch_preset_settings"] = run("scratch_preset", args.work, data=target, **preset)
     results["scratch_demo_recipe"] = run("scratch_demo", args.work, data=target, **DEMO)
     record = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
               "machine": platform.machine(), "threads": torch.get_num_threads(),

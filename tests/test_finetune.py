@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_pretrained import serve_release
 
-from nfnets.finetune import FINETUNE_PRESET, PAPER_BATCH, PAPER_LR, finetune_lr
+from nfnets.finetune import FINETUNE_PRESET, PAPER_BATCH, PAPER_LR
 from nfnets.train import DIGITS_MODEL_ARGS, TrainConfig, train
 
 
@@ -13,23 +13,21 @@ def test_paper_values_are_pinned():
     # dropout 0.25, stochastic depth 0.1
     assert (PAPER_LR, PAPER_BATCH) == (0.1, 2048)
     assert (FINETUNE_PRESET["weight_decay"], FINETUNE_PRESET["drop_rate"],
-            FINETUNE_PRESET["stochdepth_rate"]) == (1e-5, 0.25, 0.1)
-    assert finetune_lr(2048) == pytest.approx(0.1)
+            FINETUNE_PRESET["stochdepth_rate"], FINETUNE_PRESET["lr"]) == (1e-5, 0.25, 0.1, 0.1)
 
 
 def test_init_from_a_released_name_selects_the_preset_without_network():
     cfg = TrainConfig(data="/data/flowers", init_from="nfnet_f1").resolved()
     assert cfg.model == "nfnet_f1"  # the weights' model, since --model was not given
     assert (cfg.weight_decay, cfg.drop_rate, cfg.stochdepth_rate) == (1e-5, 0.25, 0.1)
-    assert (cfg.epochs, cfg.batch_size, cfg.augment) == (10, 256, "none")
-    assert cfg.lr == pytest.approx(0.1 * 256 / 2048)
+    assert (cfg.epochs, cfg.batch_size, cfg.augment, cfg.lr) == (10, 64, "none", 0.1)
     assert cfg.warmup_epochs == pytest.approx(10 / 3)  # the paper's third of the run
     assert (cfg.train_size, cfg.test_size, cfg.clipping) == (224, 320, 0.01)
-    # flags the user gives win; the learning rate follows their batch
-    mine = TrainConfig(data="/d", init_from="F0", batch_size=64, epochs=30,
+    # flags the user gives win; the warm-up follows their run length
+    mine = TrainConfig(data="/d", init_from="F0", batch_size=16, epochs=30, lr=0.05,
                        weight_decay=0.0).resolved()
-    assert (mine.batch_size, mine.epochs, mine.weight_decay) == (64, 30, 0.0)
-    assert mine.lr == pytest.approx(0.1 * 64 / 2048) and mine.warmup_epochs == pytest.approx(10)
+    assert (mine.batch_size, mine.epochs, mine.lr, mine.weight_decay) == (16, 30, 0.05, 0.0)
+    assert mine.warmup_epochs == pytest.approx(10)
     hub = TrainConfig(data="/d", init_from="hf-hub:timm/dm_nfnet_f3.dm_in1k").resolved()
     assert hub.model == "nfnet_f3"
     # without --init-from, the ImageNet recipe
