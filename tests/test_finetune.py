@@ -21,6 +21,7 @@ def test_init_from_a_released_name_selects_the_preset_without_network():
     assert cfg.model == "nfnet_f1"  # the weights' model, since --model was not given
     assert (cfg.weight_decay, cfg.drop_rate, cfg.stochdepth_rate) == (1e-5, 0.25, 0.1)
     assert (cfg.epochs, cfg.batch_size, cfg.augment, cfg.lr) == (10, 64, "none", 0.1)
+    assert isinstance(cfg.epochs, int) and isinstance(cfg.batch_size, int)
     assert cfg.warmup_epochs == pytest.approx(10 / 3)  # the paper's third of the run
     assert (cfg.train_size, cfg.test_size, cfg.clipping) == (224, 320, 0.01)
     # flags the user gives win; the warm-up follows their run length

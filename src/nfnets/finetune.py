@@ -45,12 +45,12 @@ FINETUNE_PRESET: dict[str, float | int | str] = {
 }
 
 
-def finetune_preset(batch_size: int | None = None, epochs: float | None = None
+def finetune_preset(batch_size: int | None = None, epochs: int | None = None
                     ) -> dict[str, float | int | str]:
     """The preset for a given batch size and run length (None: the preset's own), with the
     paper's warm-up over the first third of the run."""
     preset = dict(FINETUNE_PRESET)
     batch = batch_size or int(preset["batch_size"])
-    length = epochs or float(preset["epochs"])
+    length = epochs or int(preset["epochs"])
     preset.update(batch_size=batch, epochs=length, warmup_epochs=PAPER_WARMUP_FRACTION * length)
     return preset
