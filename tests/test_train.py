@@ -30,7 +30,8 @@ def fast_config(out, **changes) -> TrainConfig:
 
 def test_recipe_defaults_come_from_the_variant():
     cfg = TrainConfig(data="/data/imagenet", model="nfnet_f1").resolved()
-    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (360, 4096, 1.6)  # official.md §5.1
+    # deepmind-research nfnets/experiment_nfnets.py: get_config
+    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (360, 4096, 1.6)
     assert (cfg.train_size, cfg.test_size, cfg.drop_rate) == (224, 320, 0.3)
     assert cfg.augment == "cutmix_mixup_randaugment_410"
     assert (cfg.warmup_epochs, cfg.stochdepth_rate, cfg.weight_decay) == (5.0, 0.25, 2e-5)
