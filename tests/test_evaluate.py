@@ -313,6 +313,47 @@ def test_preprocess_matches_the_demo_geometry(tmp_path):
         assert torch.allclose(flat[c], torch.tensor((value - mean[c]) / std[c]), atol=1e-5)
 
 
+def odd_sized_tree(root: Path) -> Path:
+    """root/val/{a,b,c}/0.png, non-square and of several sizes, so the resize and crop act."""
+    for c, (name, (h, w)) in enumerate({"a": (50, 37), "b": (23, 61), "c": (80, 80)}.items()):
+        (root / "val" / name).mkdir(parents=True)
+        pixels = np.random.default_rng(c).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "val" / name / "0.png")
+    return root
+
+
+def test_preprocess_image_is_the_eval_datasets_image(tmp_path):
+    dataset = ImageFolderDataset(odd_sized_tree(tmp_path), "val", EvalTransform(SIZE))
+    for i in range(len(dataset)):
+        expected = normalize(dataset[i].image[None])[0]
+        assert torch.equal(preprocess_image(dataset.path(i), SIZE), expected), dataset.path(i)
+
+
+def test_cli_eval_and_predict_give_the_same_logits(tmp_path, capsys):
+    tree = odd_sized_tree(tmp_path / "data")
+    torch.manual_seed(3)
+    weights = save(tiny_model(), tmp_path / "m.safetensors")  # random: logits depend on pixels
+    status, out, err = cli(capsys, "eval", weights, "--data", tree, "--json")
+    assert status == 0, err
+    evaluated = json.loads(out)
+    images = sorted((tree / "val").glob("*/0.png"))
+    status, out, err = cli(capsys, "predict", *images, "--weights", weights, "--top-k", "3",
+                           "--json")
+    assert status == 0, err
+    predicted = json.loads(out)
+    # eval's loss is the mean of -log p(label); predict prints p for every class
+    labels = {"a": 0, "b": 1, "c": 2}
+    nll = [-math.log(next(p["probability"] for p in entry["predictions"]
+                          if p["index"] == labels[Path(entry["image"]).parent.name]))
+           for entry in predicted]
+    assert evaluated["loss"] == pytest.approx(sum(nll) / 3, rel=1e-6)
+    hits = sum(entry["predictions"][0]["class"] == Path(entry["image"]).parent.name
+               for entry in predicted)
+    assert evaluated["top1"] == pytest.approx(100 * hits / 3)
+    # the losses of the three images differ, so equal means mean the same images went in
+    assert len({round(x, 6) for x in nll}) == 3
+
+
 def test_predict_returns_sorted_probabilities(tmp_path):
     images = [write_png(tmp_path / f"{i}.png", size=20 + 10 * i, seed=i) for i in range(3)]
     bias = [1.0, 0.0, 3.0]

@@ -24,12 +24,14 @@ import torch
 from official_format import ROOTS, fake_haiku, official_bytes, to_official, write_official
 
 import nfnets
+from nfnets.errors import UsageError
 from nfnets.weights import (
     OFFICIAL_RELEASES,
     CheckpointError,
     convert_official,
     detect_variant,
     file_md5,
+    load_model,
     load_pretrained,
     load_weights,
     official_to_state_dict,
@@ -654,3 +656,94 @@ def test_create_model_pretrained_adopts_the_loaded_tensors(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(CheckpointError, match="10 classes"):
         nfnets.create_model("nf_regnet_b0", num_classes=5, pretrained=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# reset_classifier keeps the recorded config true
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_classes", [3, 0])
+def test_reset_classifier_then_save_and_load_round_trips(tmp_path, num_classes):
+    torch.manual_seed(0)
+    model = randomised(small_model(drop_rate=0.0))
+    model.reset_classifier(num_classes)
+    assert model.model_kwargs == {"num_classes": num_classes, "drop_rate": 0.0}
+    path = tmp_path / "fine_tuned.safetensors"
+    save_weights(model, path)
+    assert read_weights_metadata(path)["model_kwargs"]["num_classes"] == num_classes
+    loaded = load_weights(path)
+    assert loaded.num_classes == num_classes and loaded.model_kwargs == model.model_kwargs
+    assert_same_state(model, loaded)
+    # the class-level default of models not built by create_model is never touched
+    assert type(model).model_kwargs == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# load_model: every source through one reader
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_model_from_every_file_format(tmp_path, b0_official):
+    official, source = b0_official
+    state = source.state_dict()
+    ours = tmp_path / "ours.safetensors"
+    save_weights(source, ours)
+    foreign = tmp_path / "foreign.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, foreign)
+    plain = tmp_path / "plain.pt"
+    torch.save(state, plain)
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"model": state, "note": "kept by a third-party loop"}, wrapped)
+    for path in (official, ours, foreign, plain, wrapped):
+        model, info = load_model(path)
+        assert model.model_name == "nf_regnet_b0" and model.num_classes == 10, path
+        assert not model.training and info["source"] == str(path) and not info["ema"]
+        assert_same_state(source, model)
+        with pytest.raises(CheckpointError, match="holds nf_regnet_b0 weights, not nf_regnet_b1"):
+            load_model(path, model_name="B1")
+    # the official file gets no ImageNet names: it has 10 classes, not 1000
+    assert load_model(official)[1]["classes"] is None
+    with pytest.raises(CheckpointError, match="single set of weights"):
+        load_model(plain, ema=True)
+    with pytest.raises(UsageError, match="unknown model 'nfnet_f9'"):
+        load_model(ours, model_name="nfnet_f9")
+
+
+def test_unrecognised_and_missing_sources(tmp_path):
+    junk = tmp_path / "weights.bin"
+    junk.write_bytes(b"GIF89a not weights")
+    for load in (load_model, lambda p: load_pretrained(small_model(), p)):
+        with pytest.raises(CheckpointError, match="unrecognised weights file"):
+            load(junk)
+        with pytest.raises(FileNotFoundError, match="no such file or run directory: .*gone"):
+            load(tmp_path / "gone.safetensors")
+
+
+def test_load_pretrained_from_a_run_prefers_ema_only_when_asked(tmp_path):
+    torch.manual_seed(0)
+    raw, averaged = randomised(small_model()), randomised(small_model())
+    run = tmp_path / "run"
+    run.mkdir()
+    save_weights(raw, run / "model.safetensors")
+    for ema, expected in ((False, raw), (None, raw)):
+        assert_same_state(load_pretrained(small_model(), run, ema=ema), expected)
+    with pytest.raises(CheckpointError, match="no model_ema.safetensors; drop --ema"):
+        load_pretrained(small_model(), run, ema=True)
+    save_weights(averaged, run / "model_ema.safetensors")
+    for ema, expected in ((False, raw), (None, averaged), (True, averaged)):
+        assert_same_state(load_pretrained(small_model(), run, ema=ema), expected)
+
+
+def test_training_checkpoint_ema_choice(tmp_path):
+    torch.manual_seed(0)
+    raw, averaged = randomised(small_model()), randomised(small_model())
+    path = tmp_path / "step_00000004.pt"
+    torch.save({"model": raw.state_dict(), "ema": {"module": averaged.state_dict()},
+                "step": 4, "model_name": raw.model_name, "model_kwargs": raw.model_kwargs},
+               path)
+    assert_same_state(load_pretrained(small_model(), path), raw)
+    assert_same_state(load_pretrained(small_model(), path, ema=None), averaged)
+    model, info = load_model(path, ema=True)
+    assert_same_state(model, averaged)
+    assert info["ema"] and info["model_name"] == "nf_regnet_b0"
