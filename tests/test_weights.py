@@ -607,7 +607,7 @@ def test_torch_archives(tmp_path):
     torch.save({"optimizer": {"lr": 0.1}}, other)
     assert_same_state(model, load_pretrained(small_model(), plain))
     assert_same_state(model, load_pretrained(small_model(), wrapped))
-    with pytest.raises(CheckpointError, match="not a plain state dict"):
+    with pytest.raises(CheckpointError, match="neither a plain state dict nor an nfnets training"):
         load_pretrained(small_model(), other)
 
 
