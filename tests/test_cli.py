@@ -11,6 +11,7 @@ from official_format import to_official, write_official
 
 import nfnets
 import nfnets.cli.list_models
+from nfnets.augment import AugmentConfig
 from nfnets.cli import main
 from nfnets.data import EvalTransform
 from nfnets.errors import CheckpointError, DataError, RunFailed, UsageError
@@ -185,6 +186,8 @@ def test_library_user_mistakes_raise_our_types():
         EvalTransform(32, "centre")
     with pytest.raises(UsageError, match="bad eval mode"):
         EvalTransform(32, "resize_crop_x")
+    with pytest.raises(UsageError, match="unknown word 'cutmx'"):  # nfnets train --augment
+        AugmentConfig.from_name("cutmx_mixup")
 
 
 PUBLIC = {
@@ -203,3 +206,13 @@ def test_the_public_api_is_small():
     for internal in ("ClipStats", "signal_metrics", "optimizer_step", "peak_lr",
                      "warmup_cosine", "model_defaults", "set_winograd", "use_winograd"):
         assert not hasattr(nfnets, internal), internal
+
+
+def test_train_input_mistakes_are_usage_errors(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text("{not json")
+    argv = ["train", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main([*argv, "--config", str(config)]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert main([*argv, "--config", str(tmp_path)]) == 2  # a folder, not a file
+    assert "--config: no such file" in capsys.readouterr().err
