@@ -348,13 +348,13 @@ def check_override_shapes(model_name: str, release: OfficialRelease,
         )
 
 
-def checksum_warning(path: Path) -> str | None:
-    """The one warning every loader gives for a file named like a release whose MD5 differs
-    (None when it matches or the name is not a release's)."""
+def checksum_warning(path: Path, md5: str | None = None) -> str | None:
+    """The one warning every loader gives for a file named like a release whose MD5 (``md5``,
+    or computed) differs from the record's; None when it matches or the name is no release's."""
     release = next((r for r in OFFICIAL_RELEASES.values() if r.filename == path.name), None)
     if release is None:
         return None
-    actual = file_md5(path)
+    actual = md5 or file_md5(path)
     if actual == release.md5:
         return None
     return (f"{path}: MD5 {actual} does not match the expected {release.md5} of the released "
@@ -439,7 +439,7 @@ def build_pretrained(name: str, pretrained: bool | str | os.PathLike, num_classe
     freshly initialised (fine-tuning); a path must match ``num_classes``.
     """
     from .models import create_model
-    from .timm_compat import HF_HUB_PREFIX, hf_hub_state_dict, is_timm_file, read_timm_checkpoint
+    from .timm_compat import HF_HUB_PREFIX, hf_hub_state_dict
 
     kwargs = dict(overrides)
     if pretrained is True:
@@ -453,11 +453,7 @@ def build_pretrained(name: str, pretrained: bool | str | os.PathLike, num_classe
         source = pretrained
         state_dict = hf_hub_state_dict(pretrained)
         cfg = {"source": pretrained}
-    elif is_timm_file(pretrained):
-        source = str(pretrained)
-        state_dict = read_timm_checkpoint(pretrained)
-        cfg = {"source": source}
-    else:
+    else:  # a file or run of any kind nfnets.weights reads (timm checkpoints included)
         from .weights import load_pretrained
 
         with torch.device("meta"):

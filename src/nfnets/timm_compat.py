@@ -200,24 +200,3 @@ def hf_hub_state_dict(spec: str) -> dict[str, torch.Tensor]:
                               f"{repo_id!r} ({first})") from None
     return read_timm_checkpoint(path)
 
-
-def is_timm_file(path: str | os.PathLike) -> bool:
-    """Whether a weights file holds a timm NFNet state dict (read lazily: the safetensors
-    header, or a memory-mapped torch archive); False for any other or unreadable file."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-        if len(head) >= 9 and head[8:9] == b"{":
-            with safetensors.safe_open(str(path), framework="pt") as st:
-                return is_timm_state_dict(dict.fromkeys(st.keys()))
-        if head.startswith(b"PK\x03\x04"):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            for wrapper in ("state_dict", "model", "state_dict_ema"):
-                if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-                    obj = obj[wrapper]
-                    break
-            return isinstance(obj, Mapping) and is_timm_state_dict(obj)
-    except Exception:  # unreadable here: the general loader reports it properly
-        return False
-    return False

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..evaluate import load_inference_model
 from ..pretrained import load_named
 from ..timm_compat import HF_HUB_PREFIX
+from ..weights import load_model
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def model_from_args(args: argparse.Namespace, path: str | None) -> tuple[nn.Modu
         raise UsageError("give a weights path, or --model NAME --pretrained")
     if path.startswith(HF_HUB_PREFIX):
         return load_named(path, args.model)
-    return load_inference_model(path, model_name=args.model, ema=args.ema)
+    return load_model(path, model_name=args.model, ema=args.ema)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,7 +11,8 @@ from torch import nn
 
 from ..data import EvalTransform, ImageFolderDataset, digits_datasets, eval_loader
 from ..errors import UsageError
-from ..evaluate import DEFAULT_EVAL_BATCH, _imagenet_classes, evaluate
+from ..evaluate import DEFAULT_EVAL_BATCH, evaluate
+from ..weights import imagenet_classes
 from ..winograd import use_winograd
 from ._common import add_model_arguments, model_from_args, positive, resolve_device
 
@@ -48,7 +49,7 @@ def _check_classes(dataset_classes: list[str], model: nn.Module, info: dict[str,
         )
     known = info["classes"]
     # official weights carry ImageNet's readable names, never the folder's synset ids
-    if known is not None and list(known) not in (list(dataset_classes), _imagenet_classes()):
+    if known is not None and list(known) not in (list(dataset_classes), imagenet_classes()):
         print(f"nfnets eval: warning: the class names of {where} differ from the run's "
               "(labels are matched by sorted position)", file=sys.stderr)
 

@@ -10,12 +10,7 @@ from collections.abc import Iterator
 from torch import Tensor
 
 from ..errors import DataError
-from ..evaluate import (
-    DEFAULT_TOP_K,
-    _class_names,
-    _top_k,
-    preprocess_image,
-)
+from ..evaluate import DEFAULT_TOP_K, _class_names, _top_k, preprocess_image
 from ..winograd import use_winograd
 from ._common import add_model_arguments, model_from_args, positive, resolve_device
 

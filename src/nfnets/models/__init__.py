@@ -10,6 +10,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
 from .common import NFModel, NFResidualBlock, signal_metrics
 from .features import FeatureExtractor
 from .nf_regnet import NFRegNet, NFRegNetBlock
@@ -71,7 +72,7 @@ def _entry(name: str) -> tuple[str, _Entry]:
     if key not in _MODELS:
         close = difflib.get_close_matches(key, list(_MODELS), n=4, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} (nfnets.list_models() lists all "
+        raise UsageError(f"unknown model {name!r}{hint} (nfnets.list_models() lists all "
                          f"{len(_MODELS)} names)")
     return key, _MODELS[key]
 
@@ -146,11 +147,11 @@ def create_model(name: str, num_classes: int = 1000,
     builder = _BUILDERS[entry.family]
     kwargs = {"num_classes": num_classes, **overrides}
     try:
-        # With weights to load, skip the random initialisation: under a meta-device context
-        # (the pretrained loaders) the model is built without storage.
+        # With weights to load (nfnets.pretrained.build_pretrained), this runs under a
+        # meta-device context: no storage, no random initialisation (F6's alone takes seconds).
         model = builder(entry.variant, **kwargs)
-    except TypeError as err:
-        raise ValueError(f"invalid option for {key}: {err}") from None
+    except (TypeError, ValueError) as err:  # an unknown option, or a value the builder refuses
+        raise UsageError(f"invalid option for {key}: {err}") from None
     model.model_name = key
     model.model_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
     model.default_cfg = model_defaults(key)
