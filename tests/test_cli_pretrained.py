@@ -71,3 +71,11 @@ def test_eval_pretrained_on_a_folder(tmp_path, monkeypatch, capsys):
     result = json.loads(out)
     assert result["count"] == 5 and result["image_size"] == 48  # the record's test size
     assert result["source"].endswith("/tiny_haiku.npz")
+
+
+def test_a_missing_released_file_names_its_address(tmp_path, capsys):
+    # The report: `nfnets convert F0_haiku.npz` said "file not found" and nothing else.
+    status, _, err = cli(capsys, "convert", tmp_path / "F0_haiku.npz", "-o", tmp_path / "o")
+    assert status == 2
+    assert "https://storage.googleapis.com/dm-nfnets/F0_haiku.npz" in err
+    assert "--model nfnet_f0 --pretrained" in err

@@ -51,6 +51,7 @@ __all__ = [
     "file_md5",
     "get_release",
     "imagenet_classes",
+    "missing_hint",
     "release_classes",
     "release_url",
 ]
@@ -346,6 +347,17 @@ def check_override_shapes(model_name: str, release: OfficialRelease,
             f"{'; '.join(diffs[:3])}{more}; drop the options that change shapes or pass "
             "pretrained=None"
         )
+
+
+def missing_hint(path: str | os.PathLike) -> str:
+    """For a missing file named like a release: where to get it (empty for other names)."""
+    name = Path(path).name
+    release = next((r for r in OFFICIAL_RELEASES.values() if r.filename == name), None)
+    if release is None:
+        return ""
+    return (f"; it is DeepMind's {release.model_name}: download {release_url(release)}, or let "
+            f"nfnets fetch and verify it (nfnets.create_model('{release.model_name}', "
+            f"pretrained=True), or --model {release.model_name} --pretrained)")
 
 
 def checksum_warning(path: Path, md5: str | None = None) -> str | None:

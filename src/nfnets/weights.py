@@ -41,7 +41,13 @@ from torch import nn
 from .checkpoint import list_checkpoints
 from .errors import CheckpointError, UsageError
 from .files import atomic_write
-from .pretrained import OFFICIAL_RELEASES, OfficialRelease, checksum_warning, file_md5
+from .pretrained import (
+    OFFICIAL_RELEASES,
+    OfficialRelease,
+    checksum_warning,
+    file_md5,
+    missing_hint,
+)
 from .pretrained import imagenet_classes as _shipped_imagenet_classes
 from .timm_compat import from_timm_state_dict, is_timm_state_dict
 from .wrappers import unwrap
@@ -172,7 +178,7 @@ def read_official_checkpoint(path: PathLike) -> dict[str, dict[str, np.ndarray]]
     try:
         f = open(path, "rb")
     except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint file not found: {path}") from None
+        raise FileNotFoundError(f"checkpoint file not found: {path}{missing_hint(path)}") from None
     with f:
         try:
             tree = _OfficialUnpickler(f, path).load()
@@ -603,7 +609,7 @@ def _sniff(path: Path) -> str:
     released files) or ``'safetensors'`` (a little-endian u64 header length, then JSON).
     """
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise FileNotFoundError(f"weights file not found: {path}{missing_hint(path)}")
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith(b"PK\x03\x04"):
@@ -757,7 +763,7 @@ def _read_source(source: PathLike, ema: bool | None) -> _Source:
     if path.is_dir():
         return _read_run(path, ema)
     if not path.exists():
-        raise FileNotFoundError(f"no such file or run directory: {path}")
+        raise FileNotFoundError(f"no such file or run directory: {path}{missing_hint(path)}")
     kind = _sniff(path)
     if kind == "torch":
         return _read_torch(path, ema)
