@@ -61,7 +61,7 @@ def test_features_only_returns_chosen_taps_and_drops_the_rest(name):
     backbone = nfnets.create_model(name, num_classes=3, features_only=True, out_indices=(1, 2),
                                    **TINY[name]).eval()
     assert isinstance(backbone, FeatureExtractor)
-    assert backbone.reductions == [4, 8]
+    assert backbone.reductions == [4, 8] == backbone.feature_info.reduction()  # timm's API
     assert backbone.channels == TINY_CHANNELS[name][1:3]
     # Nothing after stage 2 remains: no classifier, no final conv, no later blocks.
     names = {k for k, _ in backbone.named_parameters()}

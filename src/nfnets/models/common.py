@@ -251,7 +251,7 @@ class NFModel(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     @property
-    def feature_info(self) -> list[dict[str, object]]:
+    def feature_info(self) -> features.FeatureInfo:
         """Channels, reduction and module of the stem and stage feature taps, timm's format
         (see nfnets.models.features)."""
         return features.feature_info(self)

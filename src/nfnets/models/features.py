@@ -25,9 +25,27 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import conv2d_same
 
-__all__ = ["FeatureExtractor", "block_stages", "feature_info", "forward_intermediates"]
+__all__ = ["FeatureExtractor", "FeatureInfo", "block_stages", "feature_info",
+           "forward_intermediates"]
 
 NUM_TAPS = 5
+
+
+class FeatureInfo(list):
+    """A list of ``{"num_chs", "reduction", "module"}`` dicts, one per tap, that also answers
+    timm's ``feature_info.channels()`` / ``.reduction()`` / ``.module_name()``."""
+
+    def channels(self) -> list[int]:
+        """Channels of each tap."""
+        return [int(f["num_chs"]) for f in self]
+
+    def reduction(self) -> list[int]:
+        """Stride of each tap relative to the input."""
+        return [int(f["reduction"]) for f in self]
+
+    def module_name(self) -> list[str]:
+        """The module each tap is taken from."""
+        return [str(f["module"]) for f in self]
 
 
 def block_stages(model: nn.Module) -> list[tuple[int, int]]:
@@ -59,7 +77,7 @@ def _stem_tap(model: nn.Module) -> tuple[str, nn.Module]:
     return convs[-2] if len(convs) > 1 else convs[0]
 
 
-def feature_info(model: nn.Module) -> list[dict[str, object]]:
+def feature_info(model: nn.Module) -> FeatureInfo:
     """Channels, reduction and module of each tap, in timm's format
     (``[{"num_chs": 64, "reduction": 2, "module": "stem.conv2"}, ...]``)."""
     stem_name, stem_conv = _stem_tap(model)
@@ -73,7 +91,7 @@ def feature_info(model: nn.Module) -> list[dict[str, object]]:
                      "module": f"blocks.{end}"})
     if isinstance(model.final_conv, nn.Conv2d):
         info[-1] = {**info[-1], "num_chs": model.final_conv.out_channels, "module": "final_conv"}
-    return info
+    return FeatureInfo(info)
 
 
 def _stem_reduction(model: nn.Module) -> int:
@@ -157,7 +175,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, model: nn.Module, out_indices: Sequence[int] = (0, 1, 2, 3, 4)) -> None:
         super().__init__()
         self.out_indices = _take_indices(list(out_indices))
-        self.feature_info = [feature_info(model)[i] for i in self.out_indices]
+        self.feature_info = FeatureInfo(feature_info(model)[i] for i in self.out_indices)
         self.model_name = getattr(model, "model_name", "")
         model.reset_classifier(0)
         last = max(self.out_indices)
@@ -172,12 +190,12 @@ class FeatureExtractor(nn.Module):
     @property
     def channels(self) -> list[int]:
         """Channels of each returned map."""
-        return [int(f["num_chs"]) for f in self.feature_info]
+        return self.feature_info.channels()
 
     @property
     def reductions(self) -> list[int]:
         """Stride of each returned map relative to the input."""
-        return [int(f["reduction"]) for f in self.feature_info]
+        return self.feature_info.reduction()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps of the chosen taps, in ``out_indices`` order."""
