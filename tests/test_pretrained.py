@@ -224,6 +224,9 @@ def test_imagenet_class_names_are_shipped():
     names = pretrained.imagenet_classes()
     assert len(names) == len(set(names)) == 1000
     assert names[0] == "tench" and names[945] == "bell pepper"  # the demo's answer
+    from torchvision.models._meta import _IMAGENET_CATEGORIES  # the list we ship, checked
+
+    assert list(names) == list(_IMAGENET_CATEGORIES)
     assert pretrained.release_classes(get_release("nfnet_f0")) == list(names)
 
 

@@ -175,8 +175,8 @@ def imagenet_classes() -> tuple[str, ...]:
     """ImageNet-1k's 1000 class names in label order, shipped with the package.
 
     The standard list (one readable name per WordNet synset, in the synset-sorted label order
-    that DeepMind's TFDS ``imagenet2012`` uses), with the duplicate names made unique as
-    torchvision does ("crane" the bird and the machine, "maillot" twice).
+    of DeepMind's TFDS ``imagenet2012`` labels), as torchvision spells it: duplicate names made
+    unique ("crane bird" and "crane", "maillot" and "maillot tank suit").
     """
     text = resources.files("nfnets").joinpath("imagenet_classes.txt").read_text("utf-8")
     names = tuple(line for line in text.splitlines() if line)
