@@ -532,7 +532,7 @@ def load_named(spec: str, model_name: str | None = None) -> tuple[nn.Module, dic
     """``(model in eval mode, info)`` for ``nfnets eval/predict``: DeepMind's release of
     ``spec`` (a model name such as ``nfnet_f0``) or an ``hf-hub:`` name.
 
-    ``info`` has the keys of ``nfnets.evaluate.load_inference_model``'s: the class names and
+    ``info`` has the keys of ``nfnets.weights.load_model``'s: the class names and
     test resolution come from the release record (the Hub's timm copies are the same
     releases), so evaluation uses the published preprocessing unless told otherwise.
     """
