@@ -60,3 +60,22 @@ def _latest_weights(run):
     from nfnets.checkpoint import list_checkpoints, load_checkpoint
 
     return load_checkpoint(list_checkpoints(run / "checkpoints")[-1])["model"]
+
+
+def test_init_from_a_run_or_file_takes_its_architecture(tmp_path):
+    import nfnets
+    from nfnets.weights import save_weights
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = nfnets.create_model("nfnet_f0", num_classes=5, drop_rate=0.0, **DIGITS_MODEL_ARGS)
+    save_weights(model, run / "model.safetensors")
+    for source in (run, run / "model.safetensors"):
+        cfg = TrainConfig(data="/d", init_from=str(source), train_size=32).resolved()
+        assert cfg.model == "nfnet_f0"
+        assert cfg.model_args == {k: list(v) if isinstance(v, tuple) else v
+                                  for k, v in DIGITS_MODEL_ARGS.items()}
+        assert cfg.drop_rate == 0.25  # the preset's, not the file's
+    # flags win over what the file records
+    cfg = TrainConfig(data="/d", init_from=str(run), model_args={"group_width": 8}).resolved()
+    assert cfg.model_args["group_width"] == 8

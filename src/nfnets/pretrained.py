@@ -561,3 +561,32 @@ def load_named(spec: str, model_name: str | None = None) -> tuple[nn.Module, dic
     info = {"classes": classes, "test_size": test_size, "source": source, "model_name": name,
             "ema": False, "data": None, "seed": 0}
     return model.eval(), info
+
+
+# create_model options a fine-tuning run sets itself (nfnets.train passes them explicitly).
+_RUN_OPTIONS = ("num_classes", "drop_rate", "stochdepth_rate")
+
+
+def weights_architecture(spec: str) -> tuple[str, dict[str, Any]] | None:
+    """``(model name, create_model options)`` of what ``--init-from spec`` holds, read without
+    loading any weights: a released or ``hf-hub:`` name, or an nfnets safetensors file or run
+    directory (from its metadata); None when it cannot be told (then --model decides).
+
+    The options leave out the class count, dropout and stochastic depth, which the fine-tuning
+    run sets itself.
+    """
+    from .weights import RUN_WEIGHTS, read_weights_metadata
+
+    name = weights_model_name(spec)
+    if name is not None:
+        return name, {}
+    path = Path(spec)
+    files = [path / RUN_WEIGHTS[True], path / RUN_WEIGHTS[False]] if path.is_dir() else [path]
+    for file in files:
+        try:
+            metadata = read_weights_metadata(file)
+        except (OSError, CheckpointError):  # absent, or not our safetensors
+            continue
+        kwargs = {k: v for k, v in metadata["model_kwargs"].items() if k not in _RUN_OPTIONS}
+        return metadata["model_name"], kwargs
+    return None

@@ -44,7 +44,7 @@ from .files import atomic_write
 from .finetune import finetune_preset
 from .models import create_model, model_defaults
 from .optim import EMA, optimizer_step, peak_lr, sgd_agc, warmup_cosine_lr
-from .pretrained import load_backbone, named_weights, weights_model_name
+from .pretrained import load_backbone, named_weights, weights_architecture
 from .weights import load_pretrained, save_weights
 
 # The digits demo's model: NFNet-F0's architecture (same blocks, stem, head, β/α, SE, SkipInit)
@@ -111,7 +111,10 @@ class TrainConfig:
         cfg = dataclasses.replace(self, model_args=dict(self.model_args))
         demo = cfg.data == "digits"
         if cfg.model is None and cfg.init_from and not demo:
-            cfg.model = weights_model_name(cfg.init_from)  # None for a file or run
+            # the architecture the weights hold (a released name, an nfnets file or run)
+            found = weights_architecture(cfg.init_from)
+            if found is not None:
+                cfg.model, cfg.model_args = found[0], {**found[1], **cfg.model_args}
         if cfg.model is None:
             cfg.model = DIGITS_MODEL
             if demo:
