@@ -7,6 +7,7 @@ paper's training recipe (Brock et al. 2021, arXiv 2102.06171 and 2101.08692).
 from .agc import AGC, ClipStats, adaptive_clip_grad_
 from .counting import count_flops, count_params
 from .export import export_onnx
+from .inference import optimize_for_inference
 from .models import create_model, list_models, model_defaults, signal_metrics
 from .optim import (
     EMA,
@@ -18,7 +19,6 @@ from .optim import (
     warmup_cosine_lr,
 )
 from .weights import convert_official, load_pretrained, load_weights, save_weights
-from .winograd import set_winograd, use_winograd
 
 __version__ = "0.1.0"
 
@@ -36,14 +36,13 @@ __all__ = [
     "load_pretrained",
     "load_weights",
     "model_defaults",
+    "optimize_for_inference",
     "optimizer_step",
     "param_groups",
     "peak_lr",
     "save_weights",
-    "set_winograd",
     "sgd_agc",
     "signal_metrics",
-    "use_winograd",
     "warmup_cosine",
     "warmup_cosine_lr",
 ]
