@@ -577,8 +577,9 @@ def markdown(report: dict) -> str:
             lines.append(f"optimize_for_inference ({f['eval_optimized_case']}) batch-1 latency: "
                          f"{_fmt(f['latency_optimized_vs_timm'])}× timm eager's, "
                          f"{_fmt(f['latency_optimized_vs_timm_compiled'])}× timm compiled's.")
-        lines += [f"AGC share of our step: {_fmt(100 * (f['agc_share'] or 0), 1)}% (timm's: "
-                  f"{_fmt(100 * (f['timm_agc_share'] or 0), 1)}%).", ""]
+        if f["agc_share"] is not None:
+            lines += [f"AGC share of our step: {_fmt(100 * f['agc_share'], 1)}% (timm's: "
+                      f"{_fmt(100 * (f['timm_agc_share'] or 0), 1)}%).", ""]
     lines += [note + "\n" for note in report.get("notes", [])]
     return "\n".join(lines)
 
