@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "nfnet_f0"
 TIMM_MODEL = "dm_nfnet_f0"
 NUM_CLASSES = 1000
-# F0's dropout (deepmind-research nfnets/nfnet.py: nfnet_params) and the training
+# F0's dropout (deepmind-research nfnets/base.py: nfnet_params) and the training
 # config's stochastic depth rate (0.25, as
 # paper A.1; the model's own default is 0.1), given to timm too so both run the same net.
 DROP_RATE, STOCHDEPTH_RATE = 0.2, 0.25

@@ -1,4 +1,4 @@
-"""Layers against hand-computed cases and the official constants (official.md §2.6–§2.12)."""
+"""Layers against hand-computed cases and the official constants (nfnets/base.py)."""
 
 import math
 
@@ -61,7 +61,7 @@ def test_unknown_activation_lists_choices():
     (64, 2, 2, (0, 0)), (65, 2, 2, (0, 1)),
 ])
 def test_same_padding_table(n, k, s, expected):
-    # official.md §2.12 table
+    # TensorFlow's SAME padding rule, worked cases
     assert same_padding(n, k, s) == expected
 
 
