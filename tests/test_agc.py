@@ -1,4 +1,7 @@
-"""Tests for nfnets.agc against a float64 transcription of the official AGC (official.md §5.5)."""
+"""Tests for nfnets.agc against a float64 transcription of the official AGC.
+
+Source: deepmind-research nfnets/optim.py: unitwise_norm, SGD_AGC.
+"""
 
 import copy
 
