@@ -102,3 +102,19 @@ def test_backbone_feeds_torchvision_fpn():
         maps = fpn(dict(zip(["p3", "p4", "p5"], backbone(x), strict=True)))
     assert {k: tuple(v.shape) for k, v in maps.items()} == {
         "p3": (1, 32, 16, 12), "p4": (1, 32, 8, 6), "p5": (1, 32, 4, 3)}
+
+
+def test_taps_of_a_fused_model_match():
+    # nfnets.optimize_for_inference (what eval/predict run) folds WS into plain convs; the
+    # stem tap reads the fused conv's weight the same way.
+    from nfnets.inference import optimize_for_inference
+
+    torch.manual_seed(0)
+    model = nfnets.create_model("nfnet_f0", num_classes=3, **TINY["nfnet_f0"]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    fused = optimize_for_inference(model, x, compile=False)  # compiling takes a minute
+    with torch.no_grad():
+        for got, want in zip(fused.forward_intermediates(x, intermediates_only=True),
+                             model.forward_intermediates(x, intermediates_only=True),
+                             strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
