@@ -239,7 +239,7 @@ def fetch_release(release: OfficialRelease | str, *, progress: bool = True) -> P
     """Path of a release's file in the cache, downloading and verifying it first if needed.
 
     ``release`` is a record or a model name. A cached file is checked against the record's
-    MD5 on every call (about a second per GB); one that fails is moved aside
+    MD5 on every call (about a second for F0's 286 MB); one that fails is moved aside
     (``<file>.md5-<digest>.bad``, with a warning) and fetched again. Raises DownloadError
     (one line: the URL, the cache path, how to place the file by hand) when the server cannot
     be reached, answers with an HTTP error or sends a file with the wrong checksum; the cache
