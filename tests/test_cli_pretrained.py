@@ -79,3 +79,10 @@ def test_a_missing_released_file_names_its_address(tmp_path, capsys):
     assert status == 2
     assert "https://storage.googleapis.com/dm-nfnets/F0_haiku.npz" in err
     assert "--model nfnet_f0 --pretrained" in err
+
+
+def test_info_names_the_release(capsys):
+    status, out, _ = cli(capsys, "info", "nfnet_f6", "--json")
+    assert status == 0 and json.loads(out)["pretrained"]["top1"] == 86.5
+    status, out, _ = cli(capsys, "info", "nfnet_f7")
+    assert status == 0 and "none released" in out

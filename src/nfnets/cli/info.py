@@ -9,6 +9,7 @@ import torch
 
 from ..counting import count_flops, count_params
 from ..models import create_model, model_defaults
+from ..pretrained import OFFICIAL_RELEASES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +26,10 @@ def model_info(name: str, image_sizes: list[int] | None = None) -> dict:
     with torch.device("meta"):  # shapes only: F7+ would otherwise take 3.3 GB to count
         model = create_model(name)
     sizes = image_sizes or sorted({defaults["train_size"], defaults["test_size"]})
+    release = OFFICIAL_RELEASES.get(model.model_name)
     return {"model": model.model_name, "params": count_params(model),
-            "flops": {str(s): count_flops(model, s) for s in sizes}, **defaults}
+            "flops": {str(s): count_flops(model, s) for s in sizes}, **defaults,
+            "pretrained": release.to_dict() if release else None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,4 +46,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  dropout         {info['drop_rate']}")
     if info["ra_level"]:
         print(f"  RandAugment     '{info['ra_level']}' (layers, magnitude)")
+    released = info["pretrained"]
+    print(f"  weights         DeepMind's release, ImageNet top-1 {released['top1']} / top-5 "
+          f"{released['top5']} as published (--pretrained)" if released else
+          "  weights         none released by DeepMind")
     return 0
