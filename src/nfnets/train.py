@@ -36,7 +36,7 @@ from .data import (
     digits_datasets,
     digits_recipe_changes,
     eval_loader,
-    imagenet_datasets,
+    open_datasets,
     train_loader,
 )
 from .errors import RunFailed, UsageError
@@ -66,7 +66,8 @@ DIGITS_MODEL_CHANGES = {
 class TrainConfig:
     """Every choice of a training run; ``None`` means "the recipe's value for this variant"."""
 
-    data: str = "digits"  # 'digits' or an ImageNet-style folder (train/CLASS/*, val/CLASS/*)
+    data: str = "digits"  # 'digits', an ImageNet-style folder, 'wds:PATTERN' or 'hf:NAME_OR_PATH'
+    pipeline: str = "fast"  # 'fast' (uint8 workers, batch stage on the GPU) or 'exact'
     model: str | None = None  # default: nfnet_f0 (digits: a scaled-down F0, see DIGITS_MODEL)
     model_args: dict[str, Any] = field(default_factory=dict)  # create_model overrides
     out: str = "runs/nfnets"
@@ -159,7 +160,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
     loader, sampler = train_loader(
         train_set, batch_size=micro_batch, augment=augment,
         label_smoothing=cfg.label_smoothing, seed=cfg.seed, rank=rank, world_size=world,
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        device=None if cfg.pipeline == "exact" else device)  # batch stage on the GPU if any
     val_loader = eval_loader(val_set, batch_size=cfg.eval_batch_size, rank=rank,
                              world_size=world, num_workers=cfg.num_workers)
     steps_per_epoch = sampler.batches_per_epoch // cfg.grad_accum
@@ -331,6 +333,8 @@ def _validate(cfg: TrainConfig) -> None:
     problems = []
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         problems.append(f"--precision must be fp32, bf16 or fp16, not {cfg.precision!r}")
+    if cfg.pipeline not in ("fast", "exact"):
+        problems.append(f"--pipeline must be fast or exact, not {cfg.pipeline!r}")
     for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints", "eval_batch_size",
                  "max_nonfinite", "log_every"):
         if getattr(cfg, name) < 1:
@@ -388,7 +392,8 @@ def _teardown(world: int) -> None:
 def _datasets(cfg: TrainConfig):
     if cfg.data == "digits":
         return digits_datasets(cfg.train_size, seed=cfg.seed)
-    return imagenet_datasets(cfg.data, cfg.train_size, cfg.test_size)
+    return open_datasets(cfg.data, cfg.train_size, cfg.test_size,
+                         exact=cfg.pipeline == "exact")
 
 
 def _weights_file(path: str) -> Path:
