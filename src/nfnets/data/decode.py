@@ -3,6 +3,7 @@ decode for themselves (reduced-size JPEG decoding needs the crop before the pixe
 
 from __future__ import annotations
 
+import io
 import os
 from typing import BinaryIO
 
@@ -10,6 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+try:  # libjpeg-turbo without PIL's copies; the same pixels as PIL (tested)
+    import simplejpeg
+except ImportError:  # pragma: no cover - PIL decodes everything on its own
+    simplejpeg = None
 
 IMAGE_EXTENSIONS = tuple(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm".split())
 
@@ -62,15 +68,52 @@ def load_rgb(path: str | os.PathLike | BinaryIO) -> Tensor:
         return pil_to_rgb(img)
 
 
-def decode_and_transform(source: str | os.PathLike | BinaryIO, transform, generator):
-    """Open ``source`` and apply ``transform(image, generator)``.
+_JPEG_MAGIC = b"\xff\xd8"
+_TURBO_COLOURSPACES = ("YCbCr", "Gray", "RGB")  # CMYK/YCCK JPEGs go through PIL
 
-    A transform with ``decodes_itself = True`` gets the opened, not yet decoded PIL image (it
-    reads the size, picks its crop, and may decode at reduced size); any other transform gets
-    the decoded 3 x H x W uint8 tensor.
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that ``decode_jpeg`` handles, from its header; else None."""
+    if simplejpeg is None or not data.startswith(_JPEG_MAGIC):
+        return None
+    try:
+        height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (height, width) if colourspace in _TURBO_COLOURSPACES else None
+
+
+def decode_jpeg(data: bytes, min_height: int = 0, min_width: int = 0) -> Tensor:
+    """Decode a JPEG (``jpeg_size`` not None) to 3 x H x W uint8 RGB, at the smallest DCT
+    scale (1, 1/2, 1/4, 1/8) that keeps at least ``min_height`` x ``min_width``.
+
+    The pixels equal PIL's (``Image.draft`` for the reduced scales); corrupt or truncated data
+    raises ``ValueError``. The tensor is channels-last in memory.
     """
-    with Image.open(source) as img:
-        if getattr(transform, "decodes_itself", False):
-            return transform(img, generator)
-        img.load()
-        return transform(pil_to_rgb(img), generator)
+    array = simplejpeg.decode_jpeg(
+        data, colorspace="RGB", min_height=min_height, min_width=min_width, strict=True
+    )
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _read(source: str | os.PathLike | BinaryIO) -> bytes:
+    if hasattr(source, "read"):
+        return source.read()
+    with open(source, "rb") as f:
+        return f.read()
+
+
+def decode_and_transform(source: str | os.PathLike | BinaryIO | bytes, transform, generator):
+    """Read ``source`` (a path, a binary file or bytes) and apply ``transform(image, generator)``.
+
+    A transform with ``decodes_itself = True`` gets the undecoded bytes (it reads the size,
+    picks its crop, and may decode at reduced size); any other transform gets the decoded
+    3 x H x W uint8 tensor (``decode_jpeg`` for plain JPEGs, PIL for the rest: the same
+    pixels as ``load_rgb``).
+    """
+    data = source if isinstance(source, bytes) else _read(source)
+    if getattr(transform, "decodes_itself", False):
+        return transform(data, generator)
+    if jpeg_size(data) is not None:
+        return transform(decode_jpeg(data), generator)
+    return transform(load_rgb(io.BytesIO(data)), generator)

@@ -16,6 +16,7 @@ Evaluation (official.md §6.3): ``EvalTransform``. The digits demo: ``DigitsTrai
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 
@@ -28,7 +29,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ..augment import _randint
-from .decode import pil_to_rgb
+from .decode import decode_jpeg, jpeg_size, pil_to_rgb
 
 CROP_PADDING = 32  # official.md §6.3: eval and fallback crops leave a 32 px margin
 RANDOM_CROP_AREA = (0.08, 1.0)  # official.md §6.2, nfnets/dataset.py _decode_and_random_crop
@@ -191,8 +192,9 @@ def resize_uint8(image: Tensor, height: int, width: int) -> Tensor:
 class FastTrainTransform:
     """The official training geometry, fast: uint8 3 x S x S out (see the module docstring).
 
-    Takes an opened, not yet decoded PIL image (``decodes_itself``), or a decoded 3 x H x W
-    uint8 tensor. The crop box and flip are drawn exactly as ``TrainTransform`` draws them.
+    Takes the undecoded file as bytes (``decodes_itself``) or a decoded 3 x H x W uint8
+    tensor. The crop box and flip are drawn exactly as ``TrainTransform`` draws them; the
+    size comes from the JPEG header, so the decoder knows the crop before it decodes.
     """
 
     decodes_itself = True
@@ -200,21 +202,28 @@ class FastTrainTransform:
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def __call__(
-        self, image: Image.Image | Tensor, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def __call__(self, image: bytes | Tensor, generator: torch.Generator | None = None) -> Tensor:
         if isinstance(image, Tensor):
             height, width = image.shape[-2:]
+            box = train_crop_box(height, width, self.size, generator)
+            flip = _coin(generator)
         else:
-            width, height = image.size
-        box = train_crop_box(height, width, self.size, generator)
-        flip = _coin(generator)
-        if not isinstance(image, Tensor):
+            data, jpeg = image, jpeg_size(image)
+            if jpeg is not None:
+                height, width = jpeg
+            else:
+                pil = Image.open(io.BytesIO(data))
+                width, height = pil.size
+            box = train_crop_box(height, width, self.size, generator)
+            flip = _coin(generator)
             scale = draft_scale(box[2], box[3], self.size)
-            if scale > 1 and image.format == "JPEG":
-                image.draft("RGB", (width // scale, height // scale))
-            image.load()  # raises on truncated data
-            image = pil_to_rgb(image)
+            if jpeg is not None:
+                image = decode_jpeg(data, -(-height // scale), -(-width // scale))
+            else:
+                if scale > 1 and pil.format == "JPEG":
+                    pil.draft("RGB", (width // scale, height // scale))
+                pil.load()  # raises on truncated data
+                image = pil_to_rgb(pil)
         box = _scale_box(box, image.shape[-2] / height, image.shape[-1] / width)
         out = resize_uint8(_crop(image, box), self.size, self.size)
         # Resampling is mirror-symmetric, so flipping the small output equals flipping the crop.
