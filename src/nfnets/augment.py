@@ -528,6 +528,17 @@ def draw_rand_augment_choices(
     return RandAugmentChoices(ops, negate, centres)
 
 
+def _apply_group(
+    images: Tensor, name: str, magnitude: float, negate: bool, centres: Tensor
+) -> Tensor:
+    """One op on images that all drew it (and, for a signed op, the same sign)."""
+    if name in _SIGNED_OPS:
+        return _SIGNED_OPS[name](images, magnitude, negate)
+    if name == "Cutout":
+        return _cutout_at(images, magnitude, centres)
+    return _OPS[name](images, magnitude, None)  # the rest take batches as they are
+
+
 def apply_op_batch(
     images: Tensor, name: str, magnitude: float, negate: Tensor, centres: Tensor
 ) -> Tensor:
@@ -537,17 +548,16 @@ def apply_op_batch(
     (N x 2) the Cutout centre per image; other ops ignore them. Signed ops run once per sign
     on the images that drew it, so each image gets exactly what ``apply_op`` gives it.
     """
-    if name in _SIGNED_OPS:
-        op = _SIGNED_OPS[name]
-        out = torch.empty_like(images)
-        for flag in (False, True):
-            rows = (negate == flag).nonzero().view(-1).to(images.device)
-            if rows.numel():
-                out[rows] = op(images[rows], magnitude, flag)
-        return out
-    if name == "Cutout":
-        return _cutout_at(images, magnitude, centres)
-    return _OPS[name](images, float(magnitude), None)  # the rest take batches as they are
+    if name not in _OPS:
+        raise ValueError(f"unknown RandAugment op {name!r}; choose from {RAND_AUGMENT_OPS}")
+    if name not in _SIGNED_OPS:
+        return _apply_group(images, name, float(magnitude), False, centres)
+    out = torch.empty_like(images)
+    for flag in (False, True):
+        rows = (negate == flag).nonzero().view(-1).to(images.device)
+        if rows.numel():
+            out[rows] = _apply_group(images[rows], name, float(magnitude), flag, centres)
+    return out
 
 
 def rand_augment_batch(
@@ -570,18 +580,24 @@ def rand_augment_batch(
         out = images.clamp(0, 255).to(torch.uint8)  # float -> uint8 truncates
     n, _, height, width = out.shape
     choices = draw_rand_augment_choices(n, level.layers, height, width, generator)
+    magnitude = float(level.magnitude)
     for layer in range(level.layers):
-        ops = choices.ops[:, layer]
-        result = torch.empty_like(out)
-        for op in ops.unique().tolist():
-            rows = (ops == op).nonzero().view(-1)
-            rows_dev = rows.to(out.device)
-            result[rows_dev] = apply_op_batch(
-                out[rows_dev],
-                RAND_AUGMENT_OPS[op],
-                float(level.magnitude),
-                choices.negate[rows, layer],
-                choices.centres[rows, layer],
+        # Sort the images by (op, sign) so each op runs on one contiguous slice: two gathers
+        # per layer instead of one per op.
+        key = choices.ops[:, layer] * 2 + choices.negate[:, layer].long()
+        order = torch.argsort(key, stable=True)
+        groups, counts = torch.unique_consecutive(key[order], return_counts=True)
+        order_dev = order.to(out.device)
+        grouped = out.index_select(0, order_dev)
+        centres = choices.centres[order, layer]
+        result = torch.empty_like(grouped)
+        start = 0
+        for group, count in zip(groups.tolist(), counts.tolist(), strict=True):
+            rows = slice(start, start + count)
+            result[rows] = _apply_group(
+                grouped[rows], RAND_AUGMENT_OPS[group // 2], magnitude, bool(group % 2),
+                centres[rows],
             )
-        out = result
+            start += count
+        out = result.index_select(0, torch.argsort(order).to(out.device))  # unsort
     return out.float()

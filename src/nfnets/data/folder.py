@@ -46,15 +46,17 @@ def _check_root(root: Path) -> None:
 def _list_images(class_dir: Path, seen: set[str], ignored: Counter) -> list[str]:
     """Image paths under class_dir, relative to its parent, in os.walk's top-down sorted order.
 
-    Directory symlinks are followed, but each real directory is walked once per split
-    (``seen`` holds real paths), so links that loop or duplicate a folder add nothing.
+    Directory symlinks are followed, but each real directory is walked once per split:
+    ``seen`` holds the real paths walked so far and, from the start, every class folder's, so
+    a link that loops back, repeats a folder or points into another class adds nothing (its
+    images keep their own class's label).
     """
     found: list[str] = []
     stack = [(str(class_dir), class_dir.name)]
     while stack:
         path, rel = stack.pop()
         real = os.path.realpath(path)
-        if real in seen:
+        if real in seen and path != str(class_dir):
             ignored["folders already walked (symlinks)"] += 1
             continue
         seen.add(real)
@@ -97,7 +99,7 @@ def _scan_split(root: Path, split: str) -> tuple[list[str], list[str], list[int]
     files: list[str] = []
     labels: list[int] = []
     empty = []
-    seen: set[str] = set()
+    seen = {os.path.realpath(split_dir / name) for name in classes}
     ignored: Counter = Counter()
     for label, name in enumerate(classes):
         found = _list_images(split_dir / name, seen, ignored)
