@@ -29,6 +29,7 @@ COMMANDS = {
     "convert": ("convert", "convert DeepMind's F*_haiku.npz to safetensors"),
     "export": ("export", "export a fused model to ONNX"),
     "plot": ("plot", "draw the training curves of a run as PNG files"),
+    "prepare": ("prepare", "write a dataset (folder, wds:, hf:) as WebDataset shards"),
 }
 
 
