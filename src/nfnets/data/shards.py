@@ -324,18 +324,23 @@ class ShardDataset(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, round_])
         return rng.permutation(count)[reader::readers].tolist()
 
+    def _pass(self, reader: int, readers: int, round_: int) -> Iterator[tuple[dict | None, int]]:
+        """(sample or None, lost) from one pass over this reader's shards."""
+        for shard in self._shards(reader, readers, round_):
+            count = 0
+            for sample in iter_shard(self.split.urls[shard]):
+                count += 1
+                yield sample, 0
+            lost = self.split.lengths[shard] - count
+            if lost > 0:  # a truncated shard: its missing samples count as skipped
+                yield None, lost
+
     def _raw_samples(self, reader: int, readers: int) -> Iterator[tuple[dict | None, int]]:
-        """(sample or None, lost) from this reader's shards, passes repeating for training."""
+        """Passes over this reader's shards, each shuffled on its own; training repeats
+        passes (in new orders) until the quota is met."""
         round_ = 0
         while True:
-            for shard in self._shards(reader, readers, round_):
-                count = 0
-                for sample in iter_shard(self.split.urls[shard]):
-                    count += 1
-                    yield sample, 0
-                lost = self.split.lengths[shard] - count
-                if lost > 0:  # a truncated shard: its missing samples count as skipped
-                    yield None, lost
+            yield from self._shuffled(self._pass(reader, readers, round_), reader, round_)
             if not self.drop_last:
                 return
             round_ += 1
@@ -350,7 +355,7 @@ class ShardDataset(IterableDataset):
         skip = len(range(worker, self.skip_batches, workers)) * self.batch_size
         rng = np.random.default_rng([self.seed, self.epoch, reader, 0x5EED])
         seeds = rng.integers(0, 2**62, size=max(quota, 0), dtype=np.int64)
-        stream = self._shuffled(self._raw_samples(reader, readers), reader)
+        stream = self._raw_samples(reader, readers)
         position, skipped = 0, 0
         for sample, lost in stream:
             skipped += lost
@@ -370,12 +375,12 @@ class ShardDataset(IterableDataset):
             yield Sample(image, label, skipped, seed)
             skipped = 0
 
-    def _shuffled(self, stream, reader: int):
+    def _shuffled(self, stream, reader: int, round_: int):
         """A seeded shuffle buffer over undecoded samples (training only)."""
         if not self.shuffle:
             yield from stream
             return
-        rng = np.random.default_rng([self.seed, self.epoch, reader, 0xB0F])
+        rng = np.random.default_rng([self.seed, self.epoch, reader, round_, 0xB0F])
         buffer = []
         for item in stream:
             if item[0] is None:
