@@ -348,11 +348,13 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        reader, readers = self.rank * workers + worker, self.world_size * workers
-        # This worker's share of the rank's batches: DataLoader takes batch i from worker
-        # i % workers, so it yields batches worker, worker + workers, ...
-        quota = len(range(worker, self.batches_per_epoch, workers)) * self.batch_size
-        skip = len(range(worker, self.skip_batches, workers)) * self.batch_size
+        # Batch g of the epoch comes from stream g % workers. DataLoader asks worker j % workers
+        # for its j-th batch, and a resumed epoch starts at g = skip_batches, so this worker
+        # plays stream (worker + skip_batches) % workers.
+        stream_id = (worker + self.skip_batches) % workers
+        reader, readers = self.rank * workers + stream_id, self.world_size * workers
+        quota = len(range(stream_id, self.batches_per_epoch, workers)) * self.batch_size
+        skip = len(range(stream_id, self.skip_batches, workers)) * self.batch_size
         rng = np.random.default_rng([self.seed, self.epoch, reader, 0x5EED])
         seeds = rng.integers(0, 2**62, size=max(quota, 0), dtype=np.int64)
         stream = self._raw_samples(reader, readers)
