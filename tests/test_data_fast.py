@@ -292,3 +292,14 @@ def test_symlinked_folders_are_walked_once(tmp_path):
     assert len(messages) == 1
     assert "1 hidden entries" in messages[0] and "1 non-image files" in messages[0]
     assert "folders already walked (symlinks)" in messages[0]
+
+
+def test_loaders_freeze_the_gc_in_workers(tmp_path):
+    """Workers freeze the GC's view of inherited objects (no copy-on-access of the parent's
+    heap; bench_input.py measures the effect)."""
+    from nfnets.data import eval_loader, worker_init
+
+    train, val = imagenet_datasets(_folder(tmp_path, per_class=2), 16, 16)
+    loader, _ = train_loader(train, batch_size=2, augment=AugmentConfig(), num_workers=1)
+    assert loader.worker_init_fn is worker_init
+    assert eval_loader(val, batch_size=2, num_workers=1).worker_init_fn is worker_init

@@ -50,6 +50,7 @@ from .loaders import (
     eval_loader,
     normalize,
     train_loader,
+    worker_init,
 )
 from .samples import MAX_CONSECUTIVE_SKIPS, Sample, SkippedImageWarning
 from .sources import open_datasets
@@ -82,5 +83,5 @@ __all__ = [
     "crop_resize_box", "decode_and_transform", "digits_datasets", "digits_recipe_changes",
     "draft_scale", "eval_collate", "eval_loader", "imagenet_datasets", "load_rgb", "normalize",
     "open_datasets", "pil_to_rgb", "resize_uint8", "sample_distorted_box", "train_crop_box",
-    "train_loader",
+    "train_loader", "worker_init",
 ]

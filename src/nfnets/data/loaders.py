@@ -9,6 +9,7 @@ without blocking) and in the workers otherwise.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -230,6 +231,14 @@ class DeviceLoader:
             )
 
 
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: freeze the garbage collector's view of the objects the
+    worker inherited. Otherwise the first collection in each worker walks the parent's whole
+    heap, writing to every object's header, which copies those pages into the worker (tens
+    of MB per worker, measured in benchmarks/bench_input.py)."""
+    gc.freeze()
+
+
 def train_loader(
     dataset: Dataset,
     *,
@@ -262,7 +271,7 @@ def train_loader(
                           num_workers=num_workers)
         sampler = dataset
         loader = DataLoader(dataset, batch_size=raw, collate_fn=collate, num_workers=num_workers,
-                            pin_memory=pin_memory or on_device)
+                            pin_memory=pin_memory or on_device, worker_init_fn=worker_init)
     else:
         sampler = ResumableSampler(
             len(dataset), batch_size=raw, seed=seed, rank=rank, world_size=world_size
@@ -275,6 +284,7 @@ def train_loader(
             num_workers=num_workers,
             pin_memory=pin_memory or on_device,
             persistent_workers=num_workers > 0,
+            worker_init_fn=worker_init,
         )
     if sampler.batches_per_epoch == 0:
         size = sampler.num_samples
@@ -304,7 +314,8 @@ def eval_loader(
         dataset.configure(batch_size=batch_size, seed=0, rank=rank, world_size=world_size,
                           num_workers=num_workers, shuffle=False, drop_last=False)
         return DataLoader(dataset, batch_size=batch_size, collate_fn=eval_collate,
-                          num_workers=num_workers, pin_memory=pin_memory)
+                          num_workers=num_workers, pin_memory=pin_memory,
+                          worker_init_fn=worker_init)
     sampler = ResumableSampler(
         len(dataset),
         batch_size=batch_size,
@@ -320,4 +331,5 @@ def eval_loader(
         collate_fn=eval_collate,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        worker_init_fn=worker_init,
     )
