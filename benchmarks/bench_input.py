@@ -268,6 +268,16 @@ def main() -> None:
     augment = AugmentConfig.from_name(args.augment)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        memory = {}
+        if args.memory_entries:  # first, while this process holds little besides the imports
+            tiny = root / "tiny"
+            for c in range(2):
+                (tiny / "train" / f"c{c}").mkdir(parents=True)
+                for i in range(50):
+                    Image.new("RGB", (16, 12), (c * 90, i * 5, 30)).save(
+                        tiny / "train" / f"c{c}" / f"{i:08d}.jpg")
+            memory = {"worker_memory": {"entries": args.memory_entries, "workers": 2,
+                                        **worker_memory(tiny, args.memory_entries)}}
         files = make_folder(root, args.classes, args.per_class)
         train_files = [p.read_bytes() for p in files if "/train/" in str(p)]
         fast = ImageFolderDataset(root, "train", imagenet_datasets(root, args.size, 8)[0].transform)
@@ -290,16 +300,6 @@ def main() -> None:
                 seconds = timed(fn, repeats[name])
                 rates[name].append(repeats[name] * per_call / seconds)
         dev = deviation(root, b, args.size, augment)
-        memory = {}
-        if args.memory_entries:
-            tiny = root / "tiny"
-            for c in range(2):
-                (tiny / "train" / f"c{c}").mkdir(parents=True)
-                for i in range(50):
-                    Image.new("RGB", (16, 12), (c * 90, i * 5, 30)).save(
-                        tiny / "train" / f"c{c}" / f"{i:08d}.jpg")
-            memory = {"worker_memory": {"entries": args.memory_entries, "workers": 2,
-                                        **worker_memory(tiny, args.memory_entries)}}
     median = {name: round(statistics.median(r), 1) for name, r in rates.items()}
     result = {
         "command": "PYTHONPATH=src OMP_NUM_THREADS=1 python " + " ".join(sys.argv),

@@ -131,6 +131,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root)
         _check_root(self.root)
         self.split_dir = self.root / split
+        self._split_str = str(self.split_dir)
         self.classes, files, labels, self.ignored = _scan_split(self.root, split)
         if self.ignored:
             counts = ", ".join(f"{n} {what}" for what, n in sorted(self.ignored.items()))
@@ -157,7 +158,10 @@ class ImageFolderDataset(Dataset):
         index, seed = parse_key(key, len(self))
 
         def read(i: int):
-            image = decode_and_transform(self.path(i), self.transform, seeded_generator(seed))
+            # a str path, not pathlib: Path interns every name it parses (sys.intern), which
+            # would grow each worker by one string per distinct file it reads
+            path = os.path.join(self._split_str, os.fsdecode(self._files[i]))
+            image = decode_and_transform(path, self.transform, seeded_generator(seed))
             return image, int(self._labels[i])
 
         image, label, skipped = read_with_skips(index, len(self), read, lambda i: str(self.path(i)))
