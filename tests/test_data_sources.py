@@ -293,3 +293,35 @@ def test_prepare_max_size_resizes(tmp_path):
         jpg = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
         with Image.open(io.BytesIO(tar.extractfile(jpg).read())) as img:
             assert img.size == (40, 30)
+
+
+def test_prepare_help(capsys):
+    from nfnets.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--help"])
+    assert exit_info.value.code == 0 and "--max-size" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_from_prepared_shards(tmp_path, capsys):
+    """End to end: a folder -> nfnets prepare -> nfnets train --data wds:..."""
+    from nfnets.cli import main
+
+    src = tmp_path / "src"
+    for split in ("train", "val"):
+        for c, name in enumerate(("ant", "bee", "cat")):
+            (src / split / name).mkdir(parents=True)
+            for i in range(8):
+                pixels = np.full((20, 24, 3), 60 * c + 3 * i, dtype=np.uint8)
+                Image.fromarray(pixels).save(src / split / name / f"{i}.jpg")
+    assert main(["prepare", str(src), "-o", str(tmp_path / "wds"), "--shard-size", "4",
+                 "--no-progress"]) == 0
+    code = main(["train", "--out", str(tmp_path / "run"), "--data", f"wds:{tmp_path / 'wds'}",
+                 "--model-arg", "widths=[16,16,16,16]", "--model-arg", "depths=[1,1,1,1]",
+                 "--model-arg", "group_width=8", "--train-size", "16", "--test-size", "16",
+                 "--epochs", "1", "--batch-size", "4", "--num-workers", "2",
+                 "--augment", "cutmix_mixup_randaugment_405", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 24 // 8 and summary["skipped_images"] == 0
