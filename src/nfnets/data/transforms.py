@@ -29,6 +29,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ..augment import _randint
+from ..errors import UsageError
 from .decode import decode_jpeg, jpeg_size, pil_to_rgb
 
 CROP_PADDING = 32  # official.md §6.3: eval and fallback crops leave a 32 px margin
@@ -259,11 +260,12 @@ class EvalTransform:
             except ValueError:
                 pct = 0.0
             if pct <= 0:
-                raise ValueError(f"bad eval mode {mode!r}; use e.g. 'resize_crop_32'")
+                raise UsageError(f"bad eval mode {mode!r}; use e.g. 'resize_crop_32'")
             # official: a number > 1 is a pixel margin, otherwise a crop fraction
             self.scaled = int(size + pct) if pct > 1 else int(size / pct)
         else:
-            raise ValueError(f"unknown eval mode {mode!r}; use 'resize_crop_32' or 'crop_resize'")
+            raise UsageError(
+                f"unknown eval mode {mode!r}; use 'resize_crop_32' or 'crop_resize'")
 
     def __call__(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if self.scaled is None:
