@@ -33,34 +33,56 @@ _LABEL_NAMES = ("label", "labels", "cls", "class")
 _VAL_SPLITS = ("validation", "val")
 
 
+def _parquet_files(spec: str) -> list[str] | None:
+    """The parquet files a spec names (a folder of them, a glob, a file), or None for a
+    Hub name."""
+    path = Path(spec)
+    if path.is_dir():
+        return sorted(glob.glob(str(path / "**" / "*.parquet"), recursive=True))
+    if glob.has_magic(spec) or spec.endswith(".parquet"):
+        return sorted(glob.glob(spec))
+    return None
+
+
+def _split_of(file: str) -> str | None:
+    name = os.path.basename(file).lower()
+    parts = Path(file.lower()).parts
+    for split in ("train", *_VAL_SPLITS):
+        if name.startswith(split) or f"-{split}-" in name or split in parts[:-1]:
+            return "val" if split in _VAL_SPLITS else "train"
+    return None
+
+
 def _load(spec: str):
     try:
         import datasets
     except ImportError as err:
-        raise DataError("hf: sources need the datasets package: pip install datasets") from err
+        raise DataError("hf: sources need the datasets package: pip install 'nfnets[data]'"
+                        ) from err
     path = Path(spec)
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         return datasets.load_from_disk(str(path))
-    files = sorted(glob.glob(str(path / "**" / "*.parquet"), recursive=True)) if path.is_dir() \
-        else sorted(glob.glob(spec)) if glob.has_magic(spec) or spec.endswith(".parquet") else []
-    if path.is_dir() or glob.has_magic(spec) or spec.endswith(".parquet"):
-        if not files:
-            raise DataError(f"hf:{spec}: no save_to_disk dataset and no parquet files there")
-        by_split: dict[str, list[str]] = {}
-        for f in files:
-            name = os.path.basename(f).lower()
-            split = next((s for s in ("train", *_VAL_SPLITS) if name.startswith(s)
-                          or f"/{s}/" in f.lower() or f"-{s}-" in name), None)
-            if split is not None:
-                by_split.setdefault("val" if split in _VAL_SPLITS else "train", []).append(f)
-        if set(by_split) != {"train", "val"}:
-            raise DataError(
-                f"hf:{spec}: found parquet files for splits {sorted(by_split) or 'none'}; need "
-                "train-*.parquet and validation-*.parquet (or val-*)"
-            )
-        return datasets.load_dataset("parquet", data_files={
-            "train": by_split["train"], "validation": by_split["val"]})
-    return datasets.load_dataset(spec)
+    files = _parquet_files(spec)
+    if files is None:  # a Hub name: downloaded (or found in the cache) by datasets
+        try:
+            return datasets.load_dataset(spec)
+        except (FileNotFoundError, ConnectionError, ValueError) as err:
+            raise DataError(f"hf:{spec}: not a local dataset, and datasets could not load it "
+                            f"from the Hub: {str(err).splitlines()[0]}") from None
+    if not files:
+        raise DataError(f"hf:{spec}: no save_to_disk dataset and no parquet files there")
+    by_split: dict[str, list[str]] = {}
+    for f in files:
+        split = _split_of(f)
+        if split is not None:
+            by_split.setdefault(split, []).append(f)
+    if set(by_split) != {"train", "val"}:
+        raise DataError(
+            f"hf:{spec}: found parquet files for splits {sorted(by_split) or 'none'}; need "
+            "train-*.parquet and validation-*.parquet (or val-*)"
+        )
+    return datasets.load_dataset(
+        "parquet", data_files={"train": by_split["train"], "validation": by_split["val"]})
 
 
 def _columns(split, where: str) -> tuple[str, str, list[str] | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
+from ..errors import DataError
 from .folder import imagenet_datasets
 from .transforms import EvalTransform, FastTrainTransform, TrainTransform
 
@@ -26,7 +27,11 @@ def open_datasets(
     train_transform = TrainTransform(train_size) if exact else FastTrainTransform(train_size)
     eval_transform = EvalTransform(eval_size, eval_mode)
     if spec.startswith("wds:"):
-        from .shards import shard_datasets
+        try:
+            from .shards import shard_datasets
+        except ImportError as err:
+            raise DataError(f"wds: sources need webdataset ({err}): pip install 'nfnets[data]'"
+                            ) from None
 
         return shard_datasets(spec[4:], train_transform, eval_transform)
     if spec.startswith("hf:"):
