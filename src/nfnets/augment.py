@@ -268,7 +268,11 @@ def make_targets(
     """
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    # Checked on the CPU only: on a GPU the check would stall the stream every step (labels
+    # reaching the device were built from the datasets' own checked class lists).
+    if labels.device.type == "cpu" and labels.numel() and (
+        int(labels.min()) < 0 or int(labels.max()) >= num_classes
+    ):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.tolist()}")
     targets = nnf.one_hot(labels.long(), num_classes).float()
     if mix_labels is not None:
