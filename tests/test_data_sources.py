@@ -325,3 +325,17 @@ def test_train_from_prepared_shards(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 24 // 8 and summary["skipped_images"] == 0
+
+
+def test_wds_shards_without_samples_stop_with_a_message(tmp_path):
+    root = _wds_folder(tmp_path / "shards", train=(2, 3))
+    for name in ("train-0000.tar", "train-0001.tar"):
+        _shard(root / name, [(i, None, _png(i, 0)) for i in range(3)])  # no labels
+    dataset = _train_set(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match="hold no samples|could not be used"):
+            _epoch(dataset, batch=2)
+    # evaluation may have more readers than shards: idle readers yield nothing
+    dataset.configure(batch_size=2, world_size=4, rank=3, shuffle=False, drop_last=False)
+    assert list(dataset) == []

@@ -48,7 +48,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError
 from .decode import decode_and_transform
-from .samples import Sample, SkippedImageWarning, seeded_generator
+from .samples import MAX_CONSECUTIVE_SKIPS, Sample, SkippedImageWarning, seeded_generator
 from .transforms import Transform
 
 INFO_FILE = "_info.json"
@@ -280,7 +280,7 @@ class ShardDataset(IterableDataset):
         """How the stream is read: raw batch size, seed, this rank among ``world_size``, the
         DataLoader's workers, shuffling and whether every rank yields equal full batches."""
         readers = world_size * max(1, num_workers)
-        if len(self.split.urls) < readers:
+        if drop_last and len(self.split.urls) < readers:  # evaluation: idle readers are fine
             raise DataError(
                 f"{len(self.split.urls)} shards cannot feed {world_size} rank(s) x "
                 f"{max(1, num_workers)} worker(s) = {readers} readers (each needs its own "
@@ -340,9 +340,17 @@ class ShardDataset(IterableDataset):
         passes (in new orders) until the quota is met."""
         round_ = 0
         while True:
-            yield from self._shuffled(self._pass(reader, readers, round_), reader, round_)
+            found = 0
+            for item in self._shuffled(self._pass(reader, readers, round_), reader, round_):
+                found += item[0] is not None
+                yield item
             if not self.drop_last:
                 return
+            if not found:
+                raise DataError(
+                    f"shards {self._shards(reader, readers, round_)} of {self.split.urls[0]} ... "
+                    "hold no samples; check the shards (truncated or empty files?)"
+                )
             round_ += 1
 
     def __iter__(self) -> Iterator[Sample]:
@@ -358,7 +366,7 @@ class ShardDataset(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, reader, 0x5EED])
         seeds = rng.integers(0, 2**62, size=max(quota, 0), dtype=np.int64)
         stream = self._raw_samples(reader, readers)
-        position, skipped = 0, 0
+        position, skipped, failures = 0, 0, 0
         for sample, lost in stream:
             skipped += lost
             if sample is None:
@@ -372,7 +380,14 @@ class ShardDataset(IterableDataset):
             image, label = self._decode(sample, seed)
             if image is None:
                 skipped += 1
+                failures += 1
+                if failures >= MAX_CONSECUTIVE_SKIPS:
+                    raise DataError(
+                        f"{MAX_CONSECUTIVE_SKIPS} consecutive samples up to {sample['__url__']}:"
+                        f"{sample['__key__']} could not be used; check the shards"
+                    )
                 continue
+            failures = 0
             position += 1
             yield Sample(image, label, skipped, seed)
             skipped = 0

@@ -40,7 +40,9 @@ RANDOM_CROP_ATTEMPTS = 10  # official.md §6.2
 DIGITS_CROP_AREA = (0.8, 1.0)  # mild crop: a digit must stay recognisable
 JPEG_DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg's DCT scaling offers through PIL
 
-Transform = Callable[[Tensor, torch.Generator | None], Tensor]
+# transform(image, generator): a 3 x H x W uint8 tensor, or the file's bytes when the transform
+# has ``decodes_itself = True``
+Transform = Callable[[Tensor | bytes, torch.Generator | None], Tensor]
 
 
 # ----------------------------------------------------------------------------------------------
