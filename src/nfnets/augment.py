@@ -34,7 +34,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
@@ -253,6 +252,12 @@ def mix_batch(
     return MixedBatch(mixed, labels[:b], labels[b:], ratio)
 
 
+def _one_hot(labels: Tensor, num_classes: int) -> Tensor:
+    # scatter rather than F.one_hot, which checks the labels' range and so synchronises a GPU
+    out = torch.zeros(labels.shape[0], num_classes, device=labels.device)
+    return out.scatter_(1, labels.long().view(-1, 1), 1.0)
+
+
 def make_targets(
     labels: Tensor,
     mix_labels: Tensor | None,
@@ -274,12 +279,12 @@ def make_targets(
         int(labels.min()) < 0 or int(labels.max()) >= num_classes
     ):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.tolist()}")
-    targets = nnf.one_hot(labels.long(), num_classes).float()
+    targets = _one_hot(labels, num_classes)
     if mix_labels is not None:
         if ratios is None:
             raise ValueError("ratios are required when mix_labels are given")
         r = ratios.float().view(-1, 1)
-        targets = r * targets + (1 - r) * nnf.one_hot(mix_labels.long(), num_classes).float()
+        targets = r * targets + (1 - r) * _one_hot(mix_labels, num_classes)
     return (1 - smoothing) * targets + smoothing / num_classes
 
 
