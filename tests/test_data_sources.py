@@ -260,7 +260,8 @@ def test_prepare_folder_to_shards_reads_back_and_resumes(tmp_path, capsys):
 
     src = _folder(tmp_path / "src")
     out = tmp_path / "out"
-    assert main(["prepare", str(src), "-o", str(out), "--shard-size", "3", "--no-progress"]) == 0
+    assert main(["prepare", str(src), "-o", str(out), "--shard-size", "3", "--workers", "2",
+                 "--no-progress"]) == 0
     assert "train: 10 samples in 4 shards" in capsys.readouterr().out
     info = json.loads((out / "_info.json").read_text())
     assert info["classes"] == ["ant", "bee"] and info["splits"]["train"]["shard_lengths"] == [

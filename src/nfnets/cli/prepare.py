@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              ">= 2x the train size, see docs/data.md")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality with --max-size")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes writing shards in parallel (folders, hf:)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction,
                         default=sys.stderr.isatty(), help="show progress bars")
 
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     """Write the shards (keeping complete ones of an earlier run) and print a summary."""
     info = write_shards(args.source, args.out, shard_size=args.shard_size,
                         max_size=args.max_size, quality=args.quality, seed=args.seed,
-                        progress=args.progress)
+                        workers=args.workers, progress=args.progress)
     for split, entry in info["splits"].items():
         print(f"{split}: {entry['num_samples']} samples in {len(entry['filenames'])} shards")
     print(f"{len(info['classes'])} classes; {info['skipped']} samples skipped (no image, no "

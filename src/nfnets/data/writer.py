@@ -24,7 +24,9 @@ eval's 256 + 32) changes few pixels, while the eval squash to S + 32 is unaffect
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import multiprocessing
 import os
 import tarfile
 from collections.abc import Iterator
@@ -41,39 +43,37 @@ PLAN_FILE = ".nfnets-prepare.json"
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
-def _source_items(dataset, seed: int) -> tuple[int, Iterator[tuple[bytes, int, str]]]:
-    """(count, iterator of (image bytes, label, description)) of a dataset of this package."""
+def _read_item(dataset, index: int) -> tuple[bytes | None, int | None, str]:
+    """(image bytes, label, description) of item ``index`` of an indexable dataset."""
     from .folder import ImageFolderDataset
     from .hf import HFImageDataset
-    from .shards import ShardDataset, _label
 
-    if isinstance(dataset, ShardDataset):
-        def stream():
-            for url in dataset.split.urls:
-                for sample in iter_shard(url):
-                    key = next((k for k in IMAGE_KEYS if k in sample), None)
-                    label = _label(sample) if key is not None else None
-                    yield (sample[key] if key else None), label, f"{url}:{sample['__key__']}"
-
-        return dataset.num_samples, stream()
-    order = np.random.default_rng(seed).permutation(len(dataset))
     if isinstance(dataset, ImageFolderDataset):
-        def folder():
-            for i in order.tolist():
-                path = dataset.path(i)
-                yield path.read_bytes(), int(dataset._labels[i]), str(path)
-
-        return len(dataset), folder()
+        path = dataset.path(index)
+        return path.read_bytes(), int(dataset._labels[index]), str(path)
     if isinstance(dataset, HFImageDataset):
-        def rows():
-            for i in order.tolist():
-                row = dataset.rows[int(i)]
-                image = row[dataset.image_column]
-                data = image.get("bytes") or Path(image["path"]).read_bytes()
-                yield data, int(row[dataset.label_column]), f"{dataset.name} row {i}"
-
-        return len(dataset), rows()
+        row = dataset.rows[int(index)]
+        image = row[dataset.image_column]
+        if image is None:
+            return None, None, f"{dataset.name} row {index}"
+        data = image.get("bytes") or Path(image["path"]).read_bytes()
+        label = row[dataset.label_column]
+        return data, None if label is None else int(label), f"{dataset.name} row {index}"
     raise DataError(f"cannot write {type(dataset).__name__} as shards")
+
+
+def _stream_items(dataset) -> Iterator[tuple[bytes | None, int | None, str]]:
+    """(image bytes, label, description) of a ``ShardDataset``'s samples, in shard order."""
+    from .shards import _label
+
+    for url in dataset.split.urls:
+        for sample in iter_shard(url):
+            key = next((k for k in IMAGE_KEYS if k in sample), None)
+            try:
+                label = _label(sample)
+            except ValueError:
+                label = None
+            yield (sample[key] if key else None), label, f"{url}:{sample['__key__']}"
 
 
 def _encode(data: bytes, max_size: int | None, quality: int) -> tuple[bytes, str]:
@@ -100,15 +100,24 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _shard_complete(path: Path, expected: int) -> bool:
+def _complete_count(path: Path, expected: int) -> int | None:
+    """Samples in a shard written by an earlier run, or None when it must be (re)written.
+
+    Present means complete (shards are renamed into place only when written); it must also
+    read back with an image and a label in every sample, and at most ``expected`` samples
+    (fewer when some were skipped).
+    """
     if not path.exists():
-        return False
+        return None
     count = 0
-    for sample in iter_shard(str(path)):
-        if "cls" not in sample or not any(k in sample for k in IMAGE_KEYS):
-            return False
-        count += 1
-    return count == expected
+    try:
+        for sample in iter_shard(str(path)):
+            if "cls" not in sample or not any(k in sample for k in IMAGE_KEYS):
+                return None
+            count += 1
+    except Exception:
+        return None
+    return count if 0 < count <= expected else None
 
 
 def write_shards(
@@ -119,17 +128,19 @@ def write_shards(
     max_size: int | None = None,
     quality: int = 90,
     seed: int = 0,
+    workers: int = 1,
     progress: bool = True,
 ) -> dict:
     """Write the train and val splits of ``spec`` (any ``--data`` text) as shards in ``out``.
 
-    Returns the ``_info.json`` contents, plus ``skipped``: samples left out because they had
-    no image or label, or (with ``max_size``) did not decode.
+    ``workers`` processes write shards of indexable sources in parallel (streamed shards are
+    read in order by one). Returns the ``_info.json`` contents, plus ``skipped``: samples left
+    out because they had no image or label, or (with ``max_size``) did not decode.
     """
     from .sources import open_datasets
 
-    if shard_size < 1:
-        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+    if shard_size < 1 or workers < 1:
+        raise DataError(f"--shard-size and --workers must be >= 1, got {shard_size}, {workers}")
     if max_size is not None and max_size < 1:
         raise DataError(f"--max-size must be >= 1, got {max_size}")
     train, val = open_datasets(spec, 8, 8)
@@ -150,74 +161,113 @@ def write_shards(
     info = {"name": os.path.basename(os.path.abspath(spec.split(":", 1)[-1])) or "nfnets",
             "classes": list(train.classes), "splits": {}, "skipped": 0}
     for split, dataset in (("train", train), ("val", val)):
-        info["splits"][split] = _write_split(dataset, split, out, plan, progress, info)
+        entry, skipped = _write_split(dataset, split, out, plan, workers, progress)
+        info["splits"][split] = entry
+        info["skipped"] += skipped
         atomic_write(out / INFO_FILE, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
     return info
 
 
-def _write_split(dataset, split: str, out: Path, plan: dict, progress: bool, info: dict) -> dict:
-    count, items = _source_items(dataset, plan["seed"])
-    shard_size = plan["shard_size"]
+def _chunks(dataset, plan: dict) -> Iterator[tuple[int, list]]:
+    """(first sample number, items or indices) per shard, in shard order."""
+    from .shards import ShardDataset
+
+    size = plan["shard_size"]
+    if isinstance(dataset, ShardDataset):  # a stream: items, read in order
+        items = _stream_items(dataset)
+        start = 0
+        while chunk := list(itertools.islice(items, size)):
+            yield start, chunk
+            start += len(chunk)
+        return
+    order = np.random.default_rng(plan["seed"]).permutation(len(dataset)).tolist()
+    for start in range(0, len(order), size):
+        yield start, order[start : start + size]
+
+
+_TASK: dict = {}  # the dataset and plan of the writing processes (set before they start)
+
+
+def _set_task(dataset, split: str, out: Path, plan: dict) -> None:
+    _TASK.update(dataset=dataset, split=split, out=out, plan=plan)
+
+
+def _shard_task(job: tuple[int, int, list]) -> tuple[str, int, int]:
+    """Write (or keep) one shard: (file name, samples in it, samples skipped)."""
+    number, start, chunk = job
+    split, out, plan = _TASK["split"], _TASK["out"], _TASK["plan"]
+    name = f"{split}-{number:06d}.tar"
+    path = out / name
+    kept = _complete_count(path, len(chunk))
+    if kept is not None:
+        return name, kept, len(chunk) - kept
+    items = [c if isinstance(c, tuple) else _read_item(_TASK["dataset"], c) for c in chunk]
+    written, skipped = _write_shard(path, items, split, start, plan)
+    if written and _complete_count(path, written) != written:
+        raise DataError(f"{path} did not read back complete; disk full or failing?")
+    return name, written, skipped
+
+
+def _write_split(dataset, split: str, out: Path, plan: dict, workers: int,
+                 progress: bool) -> tuple[dict, int]:
+    from .shards import ShardDataset
+
+    total = dataset.num_samples if isinstance(dataset, ShardDataset) else len(dataset)
+    bar = _progress_bar(total, f"{split} shards", progress)
+    jobs = ((number, start, chunk) for number, (start, chunk) in enumerate(_chunks(dataset, plan)))
+    _set_task(dataset, split, out, plan)
+    filenames, lengths, skipped = [], [], 0
+    if workers > 1 and not isinstance(dataset, ShardDataset):
+        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        pool = context.Pool(workers, initializer=_set_task, initargs=(dataset, split, out, plan))
+        results = pool.imap(_shard_task, jobs)
+    else:
+        pool, results = None, map(_shard_task, jobs)
+    try:
+        for name, written, lost in results:
+            if written:
+                filenames.append(name)
+                lengths.append(written)
+            skipped += lost
+            bar.update(written + lost)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        bar.close()
+    entry = {"name": split, "num_samples": sum(lengths), "filenames": filenames,
+             "shard_lengths": lengths}
+    return entry, skipped
+
+
+def _write_shard(path: Path, items, split: str, start: int, plan: dict) -> tuple[int, int]:
+    """Write items to ``path`` atomically; (samples written, samples skipped)."""
     classes = plan["classes"]
-    bar = _progress_bar(count, f"{split} shards", progress)
-    filenames, lengths = [], []
-    index, shard = 0, 0
-    done = False
-    while not done:
-        name = f"{split}-{shard:06d}.tar"
-        batch = []
-        while len(batch) < shard_size:
-            item = next(items, None)
-            if item is None:
-                done = True
-                break
-            batch.append(item)
-        if not batch:
-            break
-        path = out / name
-        expected = len(batch)
-        if _shard_complete(path, expected):  # written by an earlier run of the same plan
-            bar.update(len(batch))
-        else:
-            written = _write_shard(path, batch, split, index, classes, plan, info)
-            if not _shard_complete(path, written):
-                raise DataError(f"{path} did not read back complete; disk full or failing?")
-            expected = written
-            bar.update(len(batch))
-        filenames.append(name)
-        lengths.append(expected)
-        index += len(batch)
-        shard += 1
-    bar.close()
-    return {"name": split, "num_samples": sum(lengths), "filenames": filenames,
-            "shard_lengths": lengths}
-
-
-def _write_shard(path: Path, batch, split: str, start: int, classes, plan: dict,
-                 info: dict) -> int:
-    written = 0
+    counts = [0, 0]
 
     def write(tmp: str) -> None:
-        nonlocal written
+        counts[:] = [0, 0]
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for offset, (data, label, source) in enumerate(batch):
+            for offset, (data, label, source) in enumerate(items):
                 if data is None or label is None or not 0 <= label < len(classes):
-                    info["skipped"] += 1
+                    counts[1] += 1
                     continue
                 try:
                     payload, ext = _encode(data, plan["max_size"], plan["quality"])
                 except Exception:  # an unreadable image cannot be resized: leave it out
-                    info["skipped"] += 1
+                    counts[1] += 1
                     continue
                 key = f"{split}_{start + offset:09d}"
                 meta = {"label": label, "class_name": classes[label], "source": source}
                 _add(tar, f"{key}.{ext}", payload)
                 _add(tar, f"{key}.cls", str(label).encode())
                 _add(tar, f"{key}.json", json.dumps(meta).encode())
-                written += 1
+                counts[0] += 1
 
+    if len(items) and all(item[0] is None for item in items):
+        return 0, len(items)
     atomic_write(path, write)
-    return written
+    return counts[0], counts[1]
 
 
 class _NoBar:
