@@ -54,6 +54,7 @@ from .transforms import Transform
 INFO_FILE = "_info.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_BUFFER = 256  # samples held (undecoded) per reader for the in-shard shuffle
+HTTP_TIMEOUT_S = 120  # a stalled server fails the shard (counted as lost) instead of hanging
 _VAL_SPLITS = ("val", "validation")
 
 
@@ -95,7 +96,7 @@ def expand_pattern(pattern: str) -> list[str]:
 def open_stream(url: str):
     """A binary stream of a local file, an http(s) URL, or anything webdataset opens."""
     if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url)  # streamed, never read whole
+        return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)  # streamed, never read whole
     if _is_url(url):
         from webdataset.gopen import gopen
 
