@@ -340,3 +340,21 @@ def test_wds_shards_without_samples_stop_with_a_message(tmp_path):
     # evaluation may have more readers than shards: idle readers yield nothing
     dataset.configure(batch_size=2, world_size=4, rank=3, shuffle=False, drop_last=False)
     assert list(dataset) == []
+
+
+def test_prepare_from_shards_and_hf(tmp_path):
+    """Any source can be written: streamed shards (in order) and a Hugging Face dataset."""
+    from nfnets.data.writer import write_shards
+
+    src = _wds_folder(tmp_path / "src", train=(2, 3), val=(1, 2))
+    info = write_shards(f"wds:{src}", tmp_path / "from_wds", shard_size=4, progress=False)
+    assert info["classes"] == ["ant", "bee", "cat"]
+    assert info["splits"]["train"]["shard_lengths"] == [4, 2]
+    train, _ = open_datasets(f"wds:{tmp_path / 'from_wds'}", 8, 8)
+    train.transform = Probe()
+    train.configure(batch_size=1, shuffle=False, drop_last=False)
+    assert [_index(s.image) for s in train] == list(range(6))  # shard order is kept
+    _hf_dict().save_to_disk(str(tmp_path / "hf"))
+    info = write_shards(f"hf:{tmp_path / 'hf'}", tmp_path / "from_hf", shard_size=5,
+                        workers=2, progress=False)
+    assert info["splits"]["train"]["num_samples"] == 9 and info["skipped"] == 0
