@@ -15,7 +15,8 @@ process and one thread (so samples/s is per core), times these cases interleaved
 - ``timm``: timm's training loader at the same output batch and size, ``rand-m5-n4``,
   bicubic, then ``timm.data.Mixup`` (batch mode, MixUp 0.2 / CutMix 1.0 switching, smoothing
   0.1) on each batch (B images per B samples: timm decodes half as many images);
-- ``decode``: the floor, PIL decoding each JPEG at full size (images/s).
+- ``decode``: the floor, PIL decoding each JPEG at full size (images/s);
+- ``decode_simplejpeg``: the same with the decoder the fast mode uses (same pixels).
 
 Worker memory: two DataLoader workers read a 100,000-entry file list (tiny JPEGs, so the epoch
 is quick) once through; each reports its private memory (USS: Private_Clean + Private_Dirty
@@ -158,12 +159,18 @@ class TimmCase:
         self.mixup(*batch)
 
 
-def decode_case(files: list[bytes]) -> Callable[[], None]:
+def decode_case(files: list[bytes], turbo: bool = False) -> Callable[[], None]:
+    """Decode the next file at full size: PIL, or simplejpeg (what the fast mode uses)."""
+    from nfnets.data.decode import decode_jpeg
+
     state = {"i": 0}
 
     def run() -> None:
         data = files[state["i"] % len(files)]
         state["i"] += 1
+        if turbo:
+            decode_jpeg(data)
+            return
         with Image.open(io.BytesIO(data)) as img:
             img.load()
 
@@ -290,8 +297,10 @@ def main() -> None:
             "exact_total": (OursCase(exact, b, augment, stage=True), b),
             "timm": (TimmCase(root, b, args.size, args.classes), b),
             "decode": (decode_case(train_files), 1),
+            "decode_simplejpeg": (decode_case(train_files, turbo=True), 1),
         }
-        repeats = {name: args.batches * (b if name == "decode" else 1) for name in cases}
+        repeats = {name: args.batches * (b if name.startswith("decode") else 1)
+                   for name in cases}
         for fn, _ in cases.values():  # warm-up
             timed(fn, 1)
         rates: dict[str, list[float]] = {name: [] for name in cases}
