@@ -169,6 +169,17 @@ def test_rand_augment_batch_equals_the_per_image_reference():
     assert seen == set(range(len(RAND_AUGMENT_OPS)))
 
 
+@pytest.mark.parametrize("magnitude", [1, 2.5, 5, 0.55])  # 10, 25, 50 px; 5.5 px: affine
+@pytest.mark.parametrize("axis", ["TranslateX", "TranslateY"])
+def test_batched_translate_copy_matches_the_affine(axis, magnitude):
+    images = torch.stack([torch.from_numpy(_photo(30, 40, s)).permute(2, 0, 1) for s in range(2)])
+    for negate in (False, True):
+        out = apply_op_batch(images, axis, magnitude, torch.full((2,), negate), torch.zeros(2, 2))
+        expected = torch.stack([apply_op(img, axis, magnitude, _seed_for_sign(negate))
+                                for img in images])
+        assert torch.equal(out, expected), (axis, magnitude, negate)
+
+
 @pytest.mark.parametrize("name", RAND_AUGMENT_OPS)
 def test_apply_op_batch_matches_apply_op(name):
     images = torch.stack([torch.from_numpy(_photo(18, 22, s)).permute(2, 0, 1) for s in range(6)])

@@ -460,13 +460,38 @@ _OPS: dict[str, Callable[[Tensor, float, torch.Generator | None], Tensor]] = {
     "SolarizeAdd": _solarize_add,
 }
 RAND_AUGMENT_OPS: tuple[str, ...] = tuple(_OPS)
+
+
+def _shift_by(axis: int) -> Callable[[Tensor, float, bool], Tensor]:
+    """Translate as a copy when the shift is a whole number of pixels (every integer M):
+    the same pixels as ``_translate_by``'s nearest-neighbour affine (tested), without
+    building and sampling a grid."""
+    affine = _translate_by(axis)
+
+    def op(images: Tensor, m: float, negate: bool) -> Tensor:
+        pixels = (m / _MAX_LEVEL) * _TRANSLATE_CONST
+        shift = round(pixels)
+        if abs(pixels - shift) > 1e-6:
+            return affine(images, m, negate)
+        shift = -shift if negate else shift  # output[x] = input[x + shift]
+        dim = -1 if axis == 0 else -2
+        size = images.shape[dim]
+        out = torch.full_like(images, _FILL)
+        if abs(shift) < size:
+            kept = size - abs(shift)
+            out.narrow(dim, max(-shift, 0), kept).copy_(images.narrow(dim, max(shift, 0), kept))
+        return out
+
+    return op
+
+
 # Ops with a random sign take (images, magnitude, negate) in their batched form.
 _SIGNED_OPS: dict[str, Callable[[Tensor, float, bool], Tensor]] = {
     "Rotate": _rotate_by,
     "ShearX": _shear_by(0),
     "ShearY": _shear_by(1),
-    "TranslateX": _translate_by(0),
-    "TranslateY": _translate_by(1),
+    "TranslateX": _shift_by(0),
+    "TranslateY": _shift_by(1),
 }
 _CUTOUT = RAND_AUGMENT_OPS.index("Cutout")
 
