@@ -1,7 +1,8 @@
 """Batch-level augmentation of the NFNet recipe: MixUp/CutMix, RandAugment and soft targets.
 
 Mirrors the official ``nfnets/dataset.py`` (mixing, label construction) and
-``nfnets/autoaugment.py`` (RandAugment); facts are cited from ``official.md`` §5.6 and §6.5–6.8.
+``nfnets/autoaugment.py`` (RandAugment) of deepmind-research; labels as
+``nfnets/experiment.py``.
 The order for NFNets (augment-before-mix False) is::
 
     2B raw images (0-255 float) -> mix_batch -> B images -> rand_augment_batch -> normalise
@@ -40,8 +41,8 @@ from torchvision.transforms.v2 import functional as F
 
 from .errors import UsageError
 
-DEFAULT_MIXUP_ALPHA = 0.2  # official.md §6.5, nfnets/dataset.py: alpha unless 'mixup_<number>'
-DEFAULT_LABEL_SMOOTHING = 0.1  # official.md §5.1/§5.6, nfnets/experiment_nfnets.py
+DEFAULT_MIXUP_ALPHA = 0.2  # nfnets/dataset.py: alpha unless 'mixup_<number>'
+DEFAULT_LABEL_SMOOTHING = 0.1  # nfnets/experiment_nfnets.py get_config, nfnets/experiment.py
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ def parse_augment_level(level: str | int) -> RandAugmentLevel:
     """Parse an official RandAugment level: '405' -> (4 layers, M=5); '15' -> (2 layers, M=15).
 
     Accepts a bare level or a full augment name, whose last '_'-separated token is the level
-    (official.md §6.5, nfnets/dataset.py): M = int(token); if M > 100, layers = M // 100 and
+    (nfnets/dataset.py): M = int(token); if M > 100, layers = M // 100 and
     M -= 100 * layers, else layers = 2.
     """
     token = str(level).split("_")[-1]
@@ -84,7 +85,7 @@ class AugmentConfig:
     """Which batch augmentations run, as the official augment name selects them.
 
     The NFNet recipe is ``AugmentConfig.from_name('cutmix_mixup_randaugment_405')`` for F0
-    (415 for F3 and above; official.md §5.1).
+    (415 for F3 and above; nfnets/experiment_nfnets.py).
     """
 
     mixup: bool = False
@@ -101,7 +102,7 @@ class AugmentConfig:
         """Parse an official augment name such as 'cutmix_mixup_randaugment_405'.
 
         'none' or '' disables everything. Words are tested like the official code
-        (official.md §6.5): 'mixup', 'cutmix', 'randaugment' (level = last token); a number
+        (nfnets/dataset.py): 'mixup', 'cutmix', 'randaugment' (level = last token); a number
         right after 'mixup' is the MixUp alpha. AutoAugment is not implemented (NFNets never
         use it).
         """
@@ -159,7 +160,7 @@ def _beta(alpha: float, n: int, generator: torch.Generator | None) -> Tensor:
 def _mixup(
     x1: Tensor, x2: Tensor, alpha: float, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
-    """image = r * x1 + (1 - r) * x2 with r ~ Beta(alpha, alpha) per row (official.md §6.7)."""
+    """image = r * x1 + (1 - r) * x2 with r ~ Beta(alpha, alpha) per row (nfnets/dataset.py)."""
     ratio = _beta(alpha, x1.shape[0], generator).to(x1.device)
     r = ratio.view(-1, 1, 1, 1)
     return r * x1 + (1 - r) * x2, ratio
@@ -171,7 +172,7 @@ def cutmix_box(
     """Official CutMix box bounds (x1, y1, x2, y2), half-open, clipped to the image.
 
     cut = sqrt(1 - lam); r_w = int(cut * W); x in [cx - r_w // 2, cx + r_w // 2) clipped to
-    [0, W] (likewise for y). official.md §6.7, nfnets/dataset.py cutmix_padding: the box end is
+    [0, W] (likewise for y). nfnets/dataset.py cutmix_padding: the box end is
     exclusive because the mask is a block of ones padded to the image size.
     """
     cut = torch.sqrt(1.0 - lam)
@@ -199,7 +200,7 @@ def _cutmix(x1: Tensor, x2: Tensor, generator: torch.Generator | None) -> tuple[
     inside_x = (xs >= bx1.view(-1, 1, 1)) & (xs < bx2.view(-1, 1, 1))
     inside_y = (ys >= by1.view(-1, 1, 1)) & (ys < by2.view(-1, 1, 1))
     mask = (inside_x & inside_y).float()  # n x H x W
-    ratio = mask.mean(dim=(1, 2))  # the clipped box area, official.md §6.7
+    ratio = mask.mean(dim=(1, 2))  # the clipped box area, nfnets/dataset.py, mixing
     m = mask.unsqueeze(1)
     return m * x1 + (1 - m) * x2, ratio
 
@@ -213,7 +214,7 @@ def mix_batch(
     mixup_alpha: float = DEFAULT_MIXUP_ALPHA,
     generator: torch.Generator | None = None,
 ) -> MixedBatch:
-    """Mix 2B raw images into B, exactly as the official NFNet pipeline (official.md §6.7).
+    """Mix 2B raw images into B, exactly as the official pipeline (nfnets/dataset.py).
 
     Both on (the NFNet recipe), with q = B/2: rows 0..q-1 are MixUp of X[i] with X[q+i], rows
     q..B-1 are CutMix of X[2q+i] (inside the box) with X[3q+i]. One of them on: the whole batch
@@ -265,7 +266,7 @@ def make_targets(
     num_classes: int,
     smoothing: float = DEFAULT_LABEL_SMOOTHING,
 ) -> Tensor:
-    """Soft targets: mix one-hots first, then smooth (official.md §5.6).
+    """Soft targets: mix one-hots first, then smooth (nfnets/experiment.py, loss and labels).
 
     y = ratio * one_hot(label) + (1 - ratio) * one_hot(mix_label);
     y = (1 - smoothing) * y + smoothing / num_classes. ``mix_labels``/``ratios`` may be None
@@ -289,12 +290,12 @@ def make_targets(
 
 
 # ----------------------------------------------------------------------------------------------
-# RandAugment (official.md §6.6, nfnets/autoaugment.py distort_image_with_randaugment)
+# RandAugment (nfnets/autoaugment.py distort_image_with_randaugment)
 
-_MAX_LEVEL = 10.0  # official.md §6.6: levels are scaled by M / 10
-_FILL = 128  # grey for translate, shear, rotate and cutout (official.md §6.6)
-_TRANSLATE_CONST = 100  # px at M = 10 (official.md §6.6)
-_CUTOUT_CONST = 40  # cutout half-size at M = 10 (official.md §6.6)
+_MAX_LEVEL = 10.0  # nfnets/autoaugment.py: levels are scaled by M / 10
+_FILL = 128  # grey for translate, shear, rotate and cutout (nfnets/autoaugment.py)
+_TRANSLATE_CONST = 100  # px at M = 10 (nfnets/autoaugment.py)
+_CUTOUT_CONST = 40  # cutout half-size at M = 10 (nfnets/autoaugment.py)
 _ROTATE_MAX_DEG = 30.0  # degrees at M = 10
 _SHEAR_MAX = 0.3  # shear coefficient at M = 10
 _SOLARIZE_ADD_MAX = 110  # SolarizeAdd increment at M = 10
@@ -332,7 +333,7 @@ def _contrast(image: Tensor, m: float, generator: torch.Generator | None) -> Ten
 
 
 def _posterize(image: Tensor, m: float, generator: torch.Generator | None) -> Tensor:
-    bits = int((m / _MAX_LEVEL) * 4)  # keeps more bits at higher M (official.md §6.6)
+    bits = int((m / _MAX_LEVEL) * 4)  # keeps more bits at higher M (nfnets/autoaugment.py)
     return F.posterize(image, min(bits, 8))  # > 8 bits: no-op (TF shifts by a negative count)
 
 
@@ -440,7 +441,7 @@ def _enhance(fn: Callable[[Tensor, float], Tensor]) -> Callable[[Tensor, float, 
 
 
 # name -> op(image_uint8, magnitude, generator); insertion order is the official op order
-# (official.md §6.6), which the uniform op choice indexes into.
+# (nfnets/autoaugment.py), which the uniform op choice indexes into.
 _OPS: dict[str, Callable[[Tensor, float, torch.Generator | None], Tensor]] = {
     "AutoContrast": _no_arg(F.autocontrast),
     "Equalize": _no_arg(F.equalize),
@@ -520,7 +521,7 @@ def rand_augment(
     image: Tensor, layers: int, magnitude: float, generator: torch.Generator | None = None
 ) -> Tensor:
     """Official RandAugment on one uint8 image: ``layers`` ops, each drawn uniformly from
-    ``RAND_AUGMENT_OPS`` and always applied at ``magnitude`` (official.md §6.6)."""
+    ``RAND_AUGMENT_OPS`` and always applied at ``magnitude`` (nfnets/autoaugment.py)."""
     if layers < 0:
         raise ValueError(f"RandAugment layers must be >= 0, got {layers}")
     for _ in range(layers):
@@ -601,7 +602,7 @@ def rand_augment_batch(
 ) -> Tensor:
     """RandAugment each image of a B x 3 x H x W batch (0-255 scale, after mixing), batched.
 
-    As the official pipeline (official.md §6.6): clip to [0, 255], cast to uint8 by
+    As the official pipeline (nfnets/autoaugment.py): clip to [0, 255], cast to uint8 by
     truncation (a uint8 batch passes as it is), augment each image with its own ops, signs and
     centres, cast back to float32. Choices are drawn on the CPU exactly as ``rand_augment``
     draws them image by image, then each op runs once on the images that chose it, on the

@@ -24,9 +24,10 @@ runs batched on the training device. The API the training loop uses::
     for images, labels, skipped in eval_loader(val_set, batch_size=50):   # labels: B int64
         ...
 
-Each training step's raw batch holds 2B images when MixUp or CutMix is on (official.md §6.7),
-B otherwise. Batches depend only on (seed, epoch, position): every sample has its own seed, so
-results do not depend on ``num_workers`` and a run resumed with ``skip_batches`` sees exactly
+Each training step's raw batch holds 2B images when MixUp or CutMix is on (as in
+nfnets/dataset.py), B otherwise. Batches depend only on (seed, epoch, position): every sample
+has its own seed, so results do not depend on ``num_workers`` and a run resumed with
+``skip_batches`` sees exactly
 the batches it would have seen (streamed shards: see ``shards``). An unreadable image is
 replaced by the next readable one, a ``SkippedImageWarning`` names it, and ``skipped`` counts
 replacements in the batch.

@@ -2,7 +2,8 @@
 
 Workers do the per-image work (decode, crop, resize, flip) and ``collate_raw`` stacks the
 2B raw images; ``BatchAugment`` then runs MixUp/CutMix, RandAugment, normalisation and the soft
-targets batched (official.md §6.7-6.8), on whatever device the batch is on. ``train_loader``
+targets batched (deepmind-research nfnets/dataset.py: mixing, then RandAugment), on
+whatever device the batch is on. ``train_loader``
 puts that stage on the training device when it is a GPU (uint8 batches cross the bus, pinned,
 without blocking) and in the workers otherwise.
 """
@@ -29,7 +30,7 @@ from ..augment import (
 from ..errors import DataError
 from .samples import Sample
 
-# official.md §6.4, nfnets/dataset.py MEAN_RGB / STDDEV_RGB (ImageNet statistics x 255)
+# nfnets/dataset.py MEAN_RGB / STDDEV_RGB (ImageNet statistics x 255)
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 _BATCH_SEED_SALT = 0x5DEECE66D  # decorrelates a batch's stream from its first sample's
@@ -152,9 +153,10 @@ class BatchAugment:
     """The batch stage: 2B raw images -> ``Batch`` of B, on the raw batch's device.
 
     MixUp/CutMix (official halves) on float 0-255, then RandAugment per image (clip, truncate
-    to uint8, augment, float), then normalisation (official.md §6.8); targets are the mixed,
-    smoothed soft labels (§5.6). Every random draw comes from a CPU generator seeded with the
-    batch seed, so the result does not depend on the device or the number of workers.
+    to uint8, augment, float), then normalisation (nfnets/dataset.py, augment_before_mix
+    False); targets are the mixed, smoothed soft labels (nfnets/experiment.py). Every random
+    draw comes from a CPU generator seeded with the batch seed, so the result does not depend
+    on the device or the number of workers.
     """
 
     def __init__(

@@ -1,8 +1,9 @@
 """Per-image transforms of the NFNet recipe: the official crops and resizes.
 
-Training (official.md §6.2, deepmind-research ``nfnets/dataset.py``): a distorted-box crop with
-the 'crop_resize' fallback, a random flip and a bicubic resize to S x S. Two implementations
-draw the same random numbers, so the same seed gives the same crop and flip in both:
+Training (deepmind-research ``nfnets/dataset.py`` _decode_and_random_crop): a distorted-box
+crop with the 'crop_resize' fallback, a random flip and a bicubic resize to S x S. Two
+implementations draw the same random numbers, so the same seed gives the same crop and flip in
+both:
 
 - ``TrainTransform`` (the exact mode): decode the whole image, crop, flip, resize in float32
   without antialiasing or clamping, like TF2's ``tf.image.resize``;
@@ -11,7 +12,8 @@ draw the same random numbers, so the same seed gives the same crop and flip in b
   uint8 (PyTorch's antialiased bicubic kernel), flip the small result. Output uint8, a quarter
   of the bytes to move to the device. docs/data.md gives its deviation from the exact mode.
 
-Evaluation (official.md §6.3): ``EvalTransform``. The digits demo: ``DigitsTrainTransform``.
+Evaluation (nfnets/dataset.py _decode_and_center_crop): ``EvalTransform``. The digits demo:
+``DigitsTrainTransform``.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ from ..augment import _randint
 from ..errors import UsageError
 from .decode import decode_jpeg, jpeg_size, pil_to_rgb
 
-CROP_PADDING = 32  # official.md §6.3: eval and fallback crops leave a 32 px margin
-RANDOM_CROP_AREA = (0.08, 1.0)  # official.md §6.2, nfnets/dataset.py _decode_and_random_crop
-RANDOM_CROP_ASPECT = (3 / 4, 4 / 3)  # official.md §6.2
-RANDOM_CROP_MIN_COVERED = 0.1  # official.md §6.2: min_object_covered of the whole-image box
-RANDOM_CROP_ATTEMPTS = 10  # official.md §6.2
+CROP_PADDING = 32  # nfnets/dataset.py: eval and fallback crops leave a 32 px margin
+RANDOM_CROP_AREA = (0.08, 1.0)  # nfnets/dataset.py _decode_and_random_crop
+RANDOM_CROP_ASPECT = (3 / 4, 4 / 3)  # nfnets/dataset.py _decode_and_random_crop
+RANDOM_CROP_MIN_COVERED = 0.1  # nfnets/dataset.py: min_object_covered of the whole-image box
+RANDOM_CROP_ATTEMPTS = 10  # nfnets/dataset.py _decode_and_random_crop
 DIGITS_CROP_AREA = (0.8, 1.0)  # mild crop: a digit must stay recognisable
 JPEG_DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg's DCT scaling offers through PIL
 
@@ -103,7 +105,7 @@ def sample_distorted_box(
 
     Aspect uniform in ``aspect_range``, height uniform between the heights of the min and max
     areas, offset uniform; a box must also cover ``min_covered`` of the image. Returns the
-    whole image when every attempt fails (official.md §6.2).
+    whole image when every attempt fails (nfnets/dataset.py _decode_and_random_crop).
     """
     for _ in range(attempts):
         u = float(torch.rand(1, generator=generator))
@@ -117,7 +119,7 @@ def sample_distorted_box(
 def crop_resize_box(height: int, width: int, size: int) -> Box:
     """The official 'crop_resize' centre crop: side int(min(H, W) / (S + 32) * S).
 
-    official.md §6.3, nfnets/dataset.py _decode_and_center_crop (float32 arithmetic as TF).
+    nfnets/dataset.py _decode_and_center_crop (float32 arithmetic as TF).
     The side is at least 1 so tiny images still give a crop.
     """
     scale = np.float32(min(height, width)) / np.float32(size + CROP_PADDING)
@@ -129,7 +131,7 @@ def train_crop_box(
     height: int, width: int, size: int, generator: torch.Generator | None = None
 ) -> Box:
     """The official training crop: a distorted box, or 'crop_resize' when the sampled box is
-    the whole image (the sampler failed; official.md §6.2)."""
+    the whole image (the sampler failed; nfnets/dataset.py _decode_and_random_crop)."""
     box = sample_distorted_box(height, width, generator)
     if box == (0, 0, height, width):
         return crop_resize_box(height, width, size)
@@ -138,7 +140,7 @@ def train_crop_box(
 
 def _resize(image: Tensor, height: int, width: int) -> Tensor:
     """Bicubic resize to float32 without antialiasing or clamping, like TF2's
-    tf.image.resize (official.md §6.2-6.3; torchvision's kernel differs, see docs/data.md)."""
+    tf.image.resize (nfnets/dataset.py; torchvision's kernel differs, see docs/data.md)."""
     return F.resize(
         image.float(), [height, width], interpolation=InterpolationMode.BICUBIC, antialias=False
     )
@@ -154,8 +156,9 @@ def _coin(generator: torch.Generator | None) -> bool:
 
 
 class TrainTransform:
-    """The exact mode's training geometry (official.md §6.2): distorted-box crop with the
-    'crop_resize' fallback, random horizontal flip, bicubic resize to size x size.
+    """The exact mode's training geometry (nfnets/dataset.py _decode_and_random_crop):
+    distorted-box crop with the 'crop_resize' fallback, random horizontal flip, bicubic resize
+    to size x size.
 
     Call with a 3 x H x W uint8 image and an optional generator; returns float32 on the 0-255
     scale, not clamped (bicubic overshoots, as the official pipeline's).
@@ -244,7 +247,7 @@ def _scale_box(box: Box, scale_y: float, scale_x: float) -> Box:
 
 
 class EvalTransform:
-    """Evaluation geometry (official.md §6.3).
+    """Evaluation geometry (nfnets/dataset.py _decode_and_center_crop).
 
     'resize_crop_32' (NFNets): squash-resize to (S+32) x (S+32) bicubic, centre crop S at
     offset ((S+32 - S) + 1) // 2 = 16. 'resize_crop_<pct>' with pct <= 1 resizes to int(S/pct).
