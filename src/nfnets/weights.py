@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import pickle
 import re
@@ -31,8 +32,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .checkpoint import manifest_path, verify_checkpoint
 from .errors import CheckpointError
 from .files import atomic_write
+from .integrity import verify_tensors, with_digest
+from .untrusted import load_torch_archive
 
 __all__ = [
     "OFFICIAL_RELEASES",
@@ -172,16 +176,76 @@ def _latin1_encode(text: str, encoding: str) -> bytes:
     return text.encode("latin1")
 
 
+class _NdarrayClass:
+    """Stands for ``numpy.ndarray`` in an official pickle: only ``_reconstruct`` may use it.
+
+    Calling it (``ndarray(shape, dtype)`` via REDUCE) would allocate an array of any declared
+    shape from a few bytes of file, so it is refused; official files never do it.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise CheckpointError("the pickle calls numpy.ndarray directly, which official NFNet "
+                              "checkpoints never do (an array not backed by the file's bytes)")
+
+
+_NDARRAY = _NdarrayClass()
+
+
+class _PendingArray:
+    """What ``_reconstruct`` returns; its ``__setstate__`` builds the array after checking that
+    the declared shape and dtype are exactly what the bytes in the file hold."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise CheckpointError("malformed array state in the pickle")
+        shape, dtype, _, data = state[-4:]
+        if not isinstance(shape, tuple) or not all(
+                isinstance(n, int) and 0 <= n for n in shape) or len(shape) > 8:
+            raise CheckpointError(f"malformed array shape {shape!r} in the pickle")
+        # Plain numbers only (float32 itself is required later, with the parameter's name).
+        if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or dtype.itemsize > 16:
+            raise CheckpointError(f"an array of dtype {dtype!r}; official NFNet checkpoints "
+                                  "hold float32 arrays only")
+        if not isinstance(data, bytes):
+            raise CheckpointError("an array whose data is not a byte string")
+        declared = math.prod(shape) * dtype.itemsize
+        if declared != len(data):
+            raise CheckpointError(
+                f"an array declares shape {shape} ({declared:,} bytes of {dtype}) but the file "
+                f"holds {len(data):,} bytes for it; damaged or crafted, refused before "
+                "allocating it")
+        array = _numpy_multiarray()._reconstruct(np.ndarray, (0,), b"b")
+        array.__setstate__(state)
+        self.array = array
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _PendingArray:
+    # numpy pickles an array as _reconstruct(ndarray, (0,), b'b') followed by __setstate__;
+    # any other shape here would allocate memory the file does not pay for.
+    if cls is not _NDARRAY or shape != (0,):
+        raise CheckpointError(f"refusing _reconstruct({shape!r}): official NFNet checkpoints "
+                              "only reconstruct empty arrays and fill them from the file")
+    return _PendingArray()
+
+
+def _scalar(dtype: Any, data: Any = None) -> Any:
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" \
+            or not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise CheckpointError("a NumPy scalar that is not one plain number")
+    return _numpy_multiarray().scalar(dtype, data)
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
-    multiarray = _numpy_multiarray()
     allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "ndarray"): _NDARRAY,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _latin1_encode,
     }
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = multiarray._reconstruct
-        allowed[(module, "scalar")] = multiarray.scalar
+        allowed[(module, "_reconstruct")] = _reconstruct
+        allowed[(module, "scalar")] = _scalar
     # Haiku's containers pickle as a call of the class on a plain dict, so dict rebuilds them.
     for module in ("haiku._src.data_structures", "haiku.data_structures"):
         for name in ("FlatMapping", "FlatMap", "frozendict"):
@@ -239,7 +303,22 @@ def read_official_checkpoint(path: PathLike) -> dict[str, dict[str, np.ndarray]]
                 f"{path} cannot be read as an official NFNet checkpoint: truncated or not a "
                 f"pickle, or built differently ({type(err).__name__}: {err})"
             ) from err
-    return _validate_tree(tree, path)
+    return _validate_tree(_resolve_arrays(tree), path)
+
+
+def _resolve_arrays(obj: Any, depth: int = 0) -> Any:
+    """Replace each ``_PendingArray`` by its array, in the dicts and lists of the tree."""
+    if isinstance(obj, _PendingArray):
+        if obj.array is None:
+            raise CheckpointError("an array that was never filled (no __setstate__)")
+        return obj.array
+    if depth > 4:  # official trees are two levels deep
+        return obj
+    if isinstance(obj, dict):
+        return {k: _resolve_arrays(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_resolve_arrays(v, depth + 1) for v in obj]
+    return obj
 
 
 def _validate_tree(tree: Any, path: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -584,6 +663,7 @@ def _model_metadata(model: nn.Module, extra: Mapping[str, Any] | None) -> dict[s
 def _write_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                        path: PathLike) -> None:
     """Write a safetensors file atomically (see ``nfnets.files.atomic_write``)."""
+    metadata = with_digest(tensors, metadata)  # verified on load (nfnets.integrity)
     atomic_write(path, lambda tmp: safetensors.torch.save_file(dict(tensors), tmp,
                                                                metadata=dict(metadata)))
 
@@ -644,6 +724,7 @@ def load_weights(path: PathLike, map_location: str | torch.device = "cpu") -> nn
     with torch.device("meta"):
         model = create_model(metadata["model_name"], **metadata["model_kwargs"])
     state_dict = safetensors.torch.load_file(str(path), device=str(torch.device(map_location)))
+    verify_tensors(state_dict, _read_safetensors_metadata(Path(path)), path)
     _check_fits(model, state_dict, path, metadata, skip_classifier=False)
     model.load_state_dict(state_dict, assign=True)
     return model
@@ -671,10 +752,9 @@ def _read_torch_archive(path: Path) -> dict[str, torch.Tensor]:
             f"{path} is a zip archive but not a torch checkpoint (a real NumPy .npz?). "
             "DeepMind's F*_haiku.npz files are pickles despite the suffix; this one is not."
         )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: torch could not load it safely ({err})") from err
+    if manifest_path(path).exists():  # a training checkpoint with its SHA-256 manifest
+        verify_checkpoint(path)
+    obj = load_torch_archive(path)  # stored members only, torch's advice rewritten
     if isinstance(obj, Mapping) and _is_state_dict(obj.get("model")):
         obj = obj["model"]
     if not _is_state_dict(obj):
@@ -702,7 +782,9 @@ def _read_any(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raw = _read_safetensors_metadata(path)
         # A foreign safetensors file (no nfnets metadata) gets the key check only.
         metadata = _parse_metadata(raw, path) if raw.get("format") == _FORMAT else {}
-        return safetensors.torch.load_file(str(path)), metadata
+        state_dict = safetensors.torch.load_file(str(path))
+        verify_tensors(state_dict, raw, path)
+        return state_dict, metadata
     raise CheckpointError(
         f"{path}: unrecognised weights file (first bytes {head[:8]!r}); expected an official "
         "NFNet pickle (F*_haiku.npz), an nfnets .safetensors file or a torch state dict"
