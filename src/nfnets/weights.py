@@ -296,8 +296,10 @@ def read_official_checkpoint(path: PathLike) -> dict[str, dict[str, np.ndarray]]
     with f:
         try:
             tree = _OfficialUnpickler(f, path).load()
-        except CheckpointError:
-            raise
+        except CheckpointError as err:
+            if str(path) in str(err):
+                raise
+            raise CheckpointError(f"{path}: {err}") from None
         except Exception as err:  # untrusted bytes can fail in many ways; report them alike
             raise CheckpointError(
                 f"{path} cannot be read as an official NFNet checkpoint: truncated or not a "
