@@ -75,10 +75,15 @@ class _HashingFile:
 
     def __init__(self, file: BinaryIO) -> None:
         self.file, self.digest = file, hashlib.sha256()
+        self.error: OSError | None = None  # torch's C++ writer hides the errno; keep it
 
     def write(self, data: bytes) -> int:
         self.digest.update(data)
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
 
     def flush(self) -> None:
         self.file.flush()
@@ -106,7 +111,12 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, step: i
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             hashing = _HashingFile(f)
-            torch.save(state, hashing)
+            try:
+                torch.save(state, hashing)
+            except RuntimeError:
+                if hashing.error is not None:  # e.g. ENOSPC: report it as the disk error
+                    raise hashing.error from None
+                raise
             digest.append(hashing.digest.hexdigest())
 
     atomic_write(path, write)

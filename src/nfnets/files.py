@@ -73,8 +73,7 @@ def disk_error(path: str | os.PathLike, err: BaseException) -> RunFailed | None:
     free = free_space(path.parent)
     if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
         reason = os.strerror(err.errno)
-    elif isinstance(err, RuntimeError) and "write" in str(err).lower() and (
-            free is not None and free < 64 << 20):
+    elif isinstance(err, RuntimeError) and free is not None and free < 64 << 20:
         reason = "the write failed with the disk (almost) full"
     else:
         return None
