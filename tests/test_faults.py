@@ -40,13 +40,16 @@ from nfnets.lock import RunLock
 from nfnets.train import TrainConfig, train
 
 FLAGS = ["--train-size", "8", "--epochs", "1", "--batch-size", "128", "--lr", "0.4",
-         "--warmup-epochs", "0.2", "--no-progress", "--save-every", "2", "--log-every", "1"]
+         "--warmup-epochs", "0.2", "--no-progress", "--save-every", "2", "--log-every", "1",
+         "--keep-checkpoints", "20"]
 STEPS = 11  # 1437 // 128
+STOP = 6  # interrupted runs are compared at this step's checkpoint, with the reference's
 
 
 def tiny(out, **changes) -> TrainConfig:
     values = dict(out=str(out), train_size=8, epochs=1, batch_size=128, lr=0.4,
-                  warmup_epochs=0.2, progress=False, save_every=2, log_every=1)
+                  warmup_epochs=0.2, progress=False, save_every=2, log_every=1,
+                  keep_checkpoints=20)
     values.update(changes)
     return TrainConfig(**values)
 
@@ -59,7 +62,7 @@ def no_plots(monkeypatch):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One uninterrupted run: its final raw and EMA weights."""
+    """One uninterrupted run: its final raw and EMA weights and its checkpoint at STOP."""
     out = tmp_path_factory.mktemp("reference") / "run"
     original = nfnets.plots.plot_run
     nfnets.plots.plot_run = lambda out: []
@@ -67,16 +70,37 @@ def reference(tmp_path_factory):
         train(tiny(out))
     finally:
         nfnets.plots.plot_run = original
-    return load_file(out / "model.safetensors"), load_file(out / "model_ema.safetensors")
+    return (load_file(out / "model.safetensors"), load_file(out / "model_ema.safetensors"),
+            torch.load(out / "checkpoints" / f"step_{STOP:08d}.pt", weights_only=True))
 
 
 def assert_same_as_reference(out: Path, reference) -> None:
-    for name, expected in zip(("model.safetensors", "model_ema.safetensors"), reference,
+    for name, expected in zip(("model.safetensors", "model_ema.safetensors"), reference[:2],
                               strict=True):
         got = load_file(out / name)
         assert got.keys() == expected.keys()
         for key in expected:
             assert torch.equal(got[key], expected[key]), (name, key)
+
+
+def assert_same_checkpoint_as_reference(out: Path, reference) -> None:
+    """The run's checkpoint at STOP equals the uninterrupted run's, tensor for tensor."""
+    got = load_latest_checkpoint(out / "checkpoints")
+    expected = reference[2]
+    assert got["step"] == STOP
+    for part in ("model", "ema", "optimizer"):
+        a, b = _tensors(got[part]), _tensors(expected[part])
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert torch.equal(a[key], b[key]), (part, key)
+
+
+def _tensors(tree, prefix="") -> dict:
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(
+        tree, list) else []
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
 
 
 def fork(target) -> int:
@@ -240,22 +264,29 @@ def test_kill_9_at_random_moments_always_resumes_to_the_same_weights(tmp_path, r
     during_write = 0
     for trial in range(10):
         out = tmp_path / f"kill{trial}"
-        pid = fork(lambda out=out: (train(tiny(out)), 0)[1])
-        if trial % 2:  # kill the moment a checkpoint's temp file exists: mid-write
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not temp_files(out):
-                time.sleep(0.0005)
-            during_write += bool(temp_files(out))
-        else:
-            time.sleep(rng.uniform(0.2, 1.5))
-        os.kill(pid, signal.SIGKILL)
-        assert wait(pid) in (-signal.SIGKILL, 0)
+        pid = fork(lambda out=out: (train(tiny(out, stop_at_step=STOP)), 0)[1])
+        # Odd trials: kill the moment a checkpoint's temp file exists (mid-write); even
+        # trials: at a random moment of the run.
+        deadline = time.monotonic() + (30 if trial % 2 else rng.uniform(0.0, 1.0))
+        status = None
+        while time.monotonic() < deadline and status is None:
+            if trial % 2 and any(p.suffix == ".tmp" for p in (out / "checkpoints").glob(
+                    ".step_*")):
+                during_write += 1
+                break
+            done, raw = os.waitpid(pid, os.WNOHANG)
+            status = os.waitstatus_to_exitcode(raw) if done else None
+            time.sleep(0.0005)
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            status = wait(pid)
+        assert status in (-signal.SIGKILL, 0), (trial, status)
         if (out / "config.json").exists():
-            train(tiny(out), resume=out)
+            train(tiny(out, stop_at_step=STOP), resume=out)
         else:  # killed before the run wrote anything durable: the same command starts it
-            train(tiny(out))
-        assert not temp_files(out)  # the resume removed what the kill left
-        assert_same_as_reference(out, reference)
+            train(tiny(out, stop_at_step=STOP))
+        assert not temp_files(out), trial  # the resume removed what the kill left
+        assert_same_checkpoint_as_reference(out, reference)
     assert during_write >= 3  # kills really landed inside checkpoint writes
 
 
@@ -266,7 +297,7 @@ def test_kill_9_at_random_moments_always_resumes_to_the_same_weights(tmp_path, r
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_a_signal_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path, reference, sig):
     out, log = tmp_path / "run", tmp_path / "log.txt"
-    pid = fork(cli_child(["--out", str(out), *FLAGS], log))
+    pid = fork(cli_child(["--out", str(out), *FLAGS, "--stop-at-step", str(STOP)], log))
     deadline = time.monotonic() + 30
     while train_lines(out) < 3 and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -275,10 +306,10 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path, refer
     printed = log.read_text()
     assert f"nfnets train --resume {out}" in printed and "Traceback" not in printed
     step = load_latest_checkpoint(out / "checkpoints")["step"]
-    assert 3 <= step < STEPS  # stopped after the step in progress, with a checkpoint
+    assert 3 <= step < STOP  # stopped after the step in progress, with a checkpoint
     assert not temp_files(out)
-    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
-    assert_same_as_reference(out, reference)
+    assert main(["train", "--resume", str(out), "--stop-at-step", str(STOP)]) == 0
+    assert_same_checkpoint_as_reference(out, reference)
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):

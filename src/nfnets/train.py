@@ -249,9 +249,11 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
                   applied=applied, at_step=state["step"])
 
     # The loop.
-    consecutive_nonfinite, val, stopped, signum = 0, None, False, None
+    consecutive_nonfinite, val, signum = 0, None, None
+    # A resumed run already at --stop-at-step stops before taking another step.
+    stopped = cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step
     start_time = time.time() - state["seconds"]
-    for epoch in range(state["epoch"], cfg.epochs):
+    for epoch in range(state["epoch"], cfg.epochs if not stopped else state["epoch"]):
         sampler.set_epoch(epoch, skip_batches=state["batch_in_epoch"] * cfg.grad_accum)
         model.train()
         bar = log.progress(epoch, steps_per_epoch, state["batch_in_epoch"])
