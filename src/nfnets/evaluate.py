@@ -158,7 +158,7 @@ def _load_safetensors(path: Path, model_name: str | None, ema: bool,
 
 def _load_training_checkpoint(path: Path, model_name: str | None, ema: bool
                               ) -> tuple[nn.Module, dict[str, Any]]:
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, verify=False)  # verified when its manifest is there
     name = state.get("model_name")
     if not name:
         raise CheckpointError(f"{path} does not name its model (no model_name); it was not "
