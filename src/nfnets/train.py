@@ -411,6 +411,7 @@ class _StopRequest:
         self.signum: int | None = None
         self.announce = announce
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()  # forked DataLoader workers inherit the handler: not theirs
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -424,6 +425,8 @@ class _StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return
         if self.signum is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
