@@ -411,7 +411,7 @@ class _StopRequest:
         self.signum: int | None = None
         self.announce = announce
         self._previous: dict[int, Any] = {}
-        self._pid = os.getpid()  # forked DataLoader workers inherit the handler: not theirs
+        self._pid = os.getpid()  # forked DataLoader workers inherit the handler
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -425,7 +425,13 @@ class _StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: behave as without us
+            previous = self._previous.get(signum, signal.SIG_DFL)
+            signal.signal(signum, previous)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
             return
         if self.signum is not None:
             if signum == signal.SIGINT:
