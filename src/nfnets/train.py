@@ -210,7 +210,8 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
                          stochdepth_rate=cfg.stochdepth_rate, drop_rate=cfg.drop_rate,
                          **cfg.model_args)
     if cfg.init_from and resume is None:
-        load_pretrained(model, _weights_file(cfg.init_from), skip_classifier=True)
+        # A run's EMA weights when it has them (what its evaluation reports), else the raw.
+        load_pretrained(model, cfg.init_from, skip_classifier=True, ema=None)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.to(device)
     if cfg.channels_last:
@@ -721,20 +722,6 @@ def _datasets(cfg: TrainConfig):
     return imagenet_datasets(cfg.data, cfg.train_size, cfg.test_size)
 
 
-def _weights_file(path: str) -> Path:
-    """A weights file from a file or a run directory (its final EMA weights, else raw)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("model_ema.safetensors", "model.safetensors"):
-            if (path / name).is_file():
-                return path / name
-        found = list_checkpoints(path / "checkpoints")
-        if found:
-            return found[-1]
-        raise FileNotFoundError(f"{path} holds no model.safetensors or checkpoints/")
-    if not path.is_file():
-        raise FileNotFoundError(f"--init-from: no such file or run directory: {path}")
-    return path
 
 
 def _should_save(cfg: TrainConfig, state: dict) -> bool:
