@@ -35,7 +35,7 @@ from nfnets.checkpoint import (
     verify_checkpoint,
 )
 from nfnets.cli import main
-from nfnets.errors import CheckpointError
+from nfnets.errors import CheckpointError, UsageError
 from nfnets.lock import RunLock
 from nfnets.train import TrainConfig, train
 
@@ -358,6 +358,28 @@ def test_a_second_run_on_a_locked_folder_exits_2_at_once(tmp_path, capsys):
         pass
 
 
+def test_without_record_locks_a_dead_holder_is_stale_and_a_live_one_refuses(tmp_path,
+                                                                             monkeypatch):
+    import errno
+    import fcntl
+    import socket
+
+    def no_locks(fd, flags):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    lock_file = tmp_path / ".lock"
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer exists
+    lock_file.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with RunLock(tmp_path):  # stale: taken over
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    lock_file.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                     "since": "now"}))
+    with pytest.raises(UsageError, match=f"pid {os.getppid()}"):
+        RunLock(tmp_path).acquire()
+
+
 def test_a_new_run_refuses_a_folder_holding_a_run_and_overwrite_moves_it_aside(tmp_path,
                                                                                  capsys):
     out = tmp_path / "run"
@@ -410,7 +432,7 @@ _HOSTILE = r"""
 import pickle, resource, sys, zipfile
 import numpy as np
 import nfnets
-from nfnets.errors import CheckpointError
+from nfnets.errors import CheckpointError, UsageError
 from nfnets.weights import convert_official, load_pretrained, read_official_checkpoint
 from nfnets.untrusted import load_torch_archive
 model = nfnets.create_model("nfnet_f0", num_classes=10, widths=(16, 16, 16, 16),

@@ -38,7 +38,10 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the folder (creating it) or raise UsageError naming the run that holds it."""
-        import fcntl
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: the recorded pid decides (see the module docstring)
+            fcntl = None
 
         key = os.path.realpath(self.path)
         if key in _HELD:
@@ -50,6 +53,8 @@ class RunLock:
             raise UsageError(f"cannot use {self.directory} as a run directory: "
                              f"{err.strerror}") from None
         try:
+            if fcntl is None:
+                raise OSError(errno.ENOSYS, "no fcntl on this platform")
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno in (errno.EACCES, errno.EAGAIN):
