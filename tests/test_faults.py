@@ -523,6 +523,25 @@ def _ndarray_call_pickle() -> bytes:
     return pickle.dumps({"NFNet/~/linear": {"w": Array()}}, protocol=2)
 
 
+def test_official_shapes_are_checked_against_the_target_before_any_conversion(
+        tmp_path, monkeypatch):
+    from official_format import to_official, write_official
+
+    small = dict(depths=(1, 1, 1, 1), group_width=8)
+    source = nfnets.create_model("nfnet_f0", num_classes=4, widths=(16, 16, 16, 16), **small)
+    path = write_official(tmp_path / "tiny_haiku.npz", to_official(source.state_dict(), "nfnet"))
+    target = nfnets.create_model("nfnet_f0", num_classes=4, widths=(16, 16, 32, 32), **small)
+
+    def no_conversion(tree):
+        raise AssertionError("converted before the shapes were checked")
+
+    monkeypatch.setattr(nfnets.weights, "official_to_state_dict", no_conversion)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        nfnets.load_pretrained(target, path)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        nfnets.weights.convert_official(path, tmp_path / "out.safetensors", "nfnet_f1")
+
+
 def test_torch_refusals_never_suggest_weights_only_false(tmp_path):
     class Evil:
         def __reduce__(self):

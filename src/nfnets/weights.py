@@ -761,12 +761,30 @@ def _sniff(path: Path) -> str:
     )
 
 
-def _read_official(path: Path) -> tuple[str, dict[str, torch.Tensor], str | None]:
+def _read_official(path: Path, check: Callable[[str, dict[str, torch.Tensor]], None] | None = None
+                   ) -> tuple[str, dict[str, torch.Tensor], str | None]:
     """(family, state dict in our naming, MD5 for a file named like a release) of an official
-    file: the one loader behind ``load_pretrained``, ``load_model`` and ``convert_official``."""
+    file: the one loader behind ``load_pretrained``, ``load_model`` and ``convert_official``.
+
+    ``check(family, declared)`` sees the converted state dict's keys and shapes as meta
+    tensors before anything is converted: layouts are only copied once they fit the target.
+    """
     md5 = _check_release_md5(path)
-    family, state_dict = official_to_state_dict(read_official_checkpoint(path))
+    tree = read_official_checkpoint(path)  # every array backed by bytes the file holds
+    if check is not None:
+        check(*_declared_state_dict(tree))
+    family, state_dict = official_to_state_dict(tree)
     return family, state_dict, md5
+
+
+def _declared_state_dict(tree: Mapping[str, Mapping[str, np.ndarray]]
+                         ) -> tuple[str, dict[str, torch.Tensor]]:
+    """(family, {our key: meta tensor of the converted shape}): no memory, no copy."""
+    family, params = _official_params(tree)
+    return family, _unique(
+        (key, torch.empty(array.shape if axes is None else tuple(array.shape[a] for a in axes),
+                          device="meta"))
+        for key, array, axes in params)
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -882,7 +900,8 @@ def _read_run(run: Path, ema: bool | None) -> _Source:
                           f"{RUN_WEIGHTS[False]} or checkpoints/step_*.pt")
 
 
-def _read_source(source: PathLike, ema: bool | None) -> _Source:
+def _read_source(source: PathLike, ema: bool | None,
+                 check: Callable[[str, dict[str, torch.Tensor]], None] | None = None) -> _Source:
     """Read any supported source. ``ema``: True (the EMA weights, an error if there are none),
     False (the raw weights) or None (the EMA weights when the source has them, else the raw)."""
     path = Path(source)
@@ -899,7 +918,7 @@ def _read_source(source: PathLike, ema: bool | None) -> _Source:
         # DeepMind ship one set of weights per file and do not say if it is the EMA copy
         raise CheckpointError(f"{path} is an official checkpoint with a single set of weights; "
                               "drop --ema")
-    family, state_dict, _ = _read_official(path)
+    family, state_dict, _ = _read_official(path, check)
     return _Source(state_dict, path, False, family=family, facts=[{"source_file": path.name}])
 
 
@@ -918,8 +937,12 @@ def load_pretrained(model: nn.Module, source: PathLike, *, skip_classifier: bool
     other classes. ``assign=True`` adopts the loaded tensors as the parameters (for a model
     built on the meta device).
     """
-    loaded = _read_source(source, ema)
     target = unwrap(model)
+
+    def fits(family: str, declared: dict[str, torch.Tensor]) -> None:
+        _check_fits(target, declared, Path(source), {}, skip_classifier)
+
+    loaded = _read_source(source, ema, check=fits)  # official files: checked before converting
     _check_fits(target, loaded.state_dict, loaded.path, loaded.metadata, skip_classifier)
     state_dict = loaded.state_dict
     if skip_classifier:
@@ -1029,7 +1052,7 @@ def load_model(source: PathLike, *, model_name: str | None = None, ema: bool = F
     """
     from . import create_model
 
-    loaded = _read_source(source, ema)
+    loaded = _read_source(source, ema, check=_claimed_variant_check(Path(source), model_name))
     name, kwargs = _architecture(loaded, model_name)
     try:
         # Built on the meta device, the model costs no memory and no initialisation (seconds
@@ -1041,6 +1064,21 @@ def load_model(source: PathLike, *, model_name: str | None = None, ema: bool = F
     _check_fits(model, loaded.state_dict, loaded.path, loaded.metadata, skip_classifier=False)
     model.load_state_dict(loaded.state_dict, assign=True)
     return model.to(map_location).eval(), _inference_info(model, loaded)
+
+
+def _claimed_variant_check(path: Path, model_name: str | None
+                           ) -> Callable[[str, dict[str, torch.Tensor]], None]:
+    """A ``_read_official`` check: the declared shapes fit the variant the tree claims (or
+    ``model_name``), before any array is converted."""
+    def check(family: str, declared: dict[str, torch.Tensor]) -> None:
+        from . import create_model
+
+        name, kwargs = _architecture(_Source(declared, path, False, family=family), model_name)
+        with torch.device("meta"):
+            model = create_model(name, **kwargs)
+        _check_fits(model, declared, path, {}, skip_classifier=False)
+
+    return check
 
 
 def convert_official(src: PathLike, dst: PathLike, model_name: str | None = None) -> str:
@@ -1055,7 +1093,7 @@ def convert_official(src: PathLike, dst: PathLike, model_name: str | None = None
     if _sniff(src) != "official":
         raise CheckpointError(f"{src} is not an official NFNet checkpoint (a pickle such as "
                               "F0_haiku.npz)")
-    family, state_dict, md5 = _read_official(src)
+    family, state_dict, md5 = _read_official(src, _claimed_variant_check(src, model_name))
     loaded = _Source(state_dict, src, False, family=family)
     name, kwargs = _architecture(loaded, model_name)
     # Shapes are all the check needs: build on the meta device (no memory, no init cost).
