@@ -414,8 +414,10 @@ def test_resume_applies_or_refuses_every_flag(tmp_path, capsys):
     assert config["train"]["epochs"] == 2
     assert config["resumes"][-1]["changes"]["epochs"] == {"from": 1, "to": 2}
     # The run's own value is not a change; an unchanged flag is accepted silently.
-    assert main(["train", "--resume", str(out), "--lr", "0.4", "--stop-at-step", "6",
-                 "--no-progress"]) == 0
+    assert main(["train", "--resume", str(out), "--lr", "0.4", "--model-arg", "group_width=16",
+                 "--stop-at-step", "6", "--no-progress"]) == 0
+    assert main(["train", "--resume", str(out), "--model-arg", "group_width=8"]) == 2
+    assert "--model-arg {" in capsys.readouterr().err
 
 
 def test_pruning_never_deletes_the_new_checkpoints(tmp_path):

@@ -600,14 +600,16 @@ def resume_config(run_dir: str | os.PathLike, changes: dict[str, Any]
                 refused.append(f"--out {value}: a resumed run stays in its folder {run_dir}")
             continue
         old = getattr(restored, name)
-        if value is None or value == old or (name == "model_args" and not value):
+        if name == "model_args" and isinstance(value, dict):
+            value = {**old, **value}  # --model-arg overrides keys; the others stay the run's
+        if value is None or value == old:
             continue
         if name in _RESUME_APPLIES or name in _RESUME_SCHEDULE:
             applied[name] = (old, value)
             setattr(restored, name, value)
         else:
-            refused.append(f"--{name.replace('_', '-')} {old} → {value} "
-                           + _REFUSAL.format(run=run_dir))
+            flag = "--model-arg" if name == "model_args" else f"--{name.replace('_', '-')}"
+            refused.append(f"{flag} {old} → {value} " + _REFUSAL.format(run=run_dir))
     if refused:
         raise UsageError("--resume cannot change: " + "; ".join(refused))
     return restored, applied
