@@ -313,6 +313,9 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path, refer
     assert not temp_files(out)
     assert main(["train", "--resume", str(out), "--stop-at-step", str(STOP)]) == 0
     assert_same_checkpoint_as_reference(out, reference)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().split(
+        "\n") if line]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step logged twice
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):

@@ -820,6 +820,7 @@ class _Logger:
             raise UsageError(f"cannot create {self.out / 'checkpoints'}: {err.strerror}") from None
         if resumed:
             self._record_resume(cfg, applied, at_step)
+            self._drop_metrics_after(at_step)
         else:
             config = {"model": model.model_name, "model_kwargs": model.model_kwargs,
                       "classes": list(train_set.classes), "train_size": cfg.train_size,
@@ -857,6 +858,23 @@ class _Logger:
             if name != "epochs":  # epochs: _stretch_schedule prints the new horizon
                 print(f"nfnets: resume: --{name.replace('_', '-')} {old} → {new} (applied"
                       f"{'' if name == 'stop_at_step' else '; recorded in config.json'})")
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Forget metrics.jsonl records past the checkpoint resumed from: they are redone."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) > step:
+                    continue
+            except ValueError:  # a line cut by a kill: dropped too
+                continue
+            kept.append(line)
+        if len(kept) != len(lines):
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
     def progress(self, epoch: int, steps: int, done: int):
         try:
