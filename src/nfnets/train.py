@@ -2,7 +2,11 @@
 
 Read top to bottom: ``TrainConfig`` (every knob, its default = the official recipe),
 ``train(cfg)`` (setup, the loop, the end of the run) and the small functions it calls.
-Recipe sources: official.md §5 (nfnets/experiment_nfnets.py, nfnets/optim.py).
+Recipe sources: deepmind-research nfnets/experiment_nfnets.py and nfnets/optim.py.
+
+A run owns its folder (``nfnets.lock.RunLock``), refuses to overwrite another run, resumes from
+the newest checkpoint that verifies (``nfnets.checkpoint``), and stops after the current step
+with a checkpoint on SIGTERM, SIGINT or SIGUSR1 (docs/reliability.md).
 
 Run it with ``nfnets train`` (bundled digits demo), ``nfnets train --data DIR --model
 nfnet_f0`` (ImageNet-style folder), ``torchrun --nproc-per-node N -m nfnets train ...`` or
