@@ -318,6 +318,28 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path, refer
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step logged twice
 
 
+def test_under_ddp_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    import torch.distributed as dist
+
+    from nfnets.train import _StopRequest
+
+    def rank_main(rank: int):
+        def target():
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}",
+                                    rank=rank, world_size=2)
+            stop = _StopRequest(announce=False)
+            answers = [stop.agreed(2, torch.device("cpu"))]  # step 1: nobody was signalled
+            if rank == 1:
+                stop.signum = signal.SIGTERM  # only rank 1 received it
+            answers.append(stop.agreed(2, torch.device("cpu")))  # step 2
+            dist.destroy_process_group()
+            return 1 if answers == [None, signal.SIGTERM] else 2
+        return target
+
+    pids = [fork(rank_main(rank)) for rank in (0, 1)]
+    assert [wait(pid) for pid in pids] == [1, 1]  # both ranks: no stop, then SIGTERM
+
+
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     out, log = tmp_path / "run", tmp_path / "log.txt"
     pid = fork(cli_child(["--out", str(out), *FLAGS, "--epochs", "50"], log))
