@@ -773,8 +773,26 @@ def _read_official(path: Path, check: Callable[[str, dict[str, torch.Tensor]], N
     tree = read_official_checkpoint(path)  # every array backed by bytes the file holds
     if check is not None:
         check(*_declared_state_dict(tree))
-    family, state_dict = official_to_state_dict(tree)
+    family, state_dict = _convert_releasing(tree)
     return family, state_dict, md5
+
+
+def _convert_releasing(tree: dict[str, dict[str, np.ndarray]]
+                       ) -> tuple[str, dict[str, torch.Tensor]]:
+    """``official_to_state_dict`` that drops each array from ``tree`` once it is converted.
+
+    The permuted copies and the file's arrays then never coexist in full: loading peaks near
+    the file's size plus the largest tensor, instead of twice the file's size.
+    """
+    family, params = _official_params(tree)
+    plan = _unique((key, axes) for key, _, axes in params)  # names checked, nothing copied
+    order = [(module, name) for module, names in tree.items() for name in names]
+    state_dict = {}
+    for (key, axes), (module, name) in zip(plan.items(), order, strict=True):
+        tensor = torch.from_numpy(tree[module].pop(name))
+        state_dict[key] = tensor if axes is None else tensor.permute(axes).contiguous()
+        del tensor  # the source array goes with its last reference
+    return family, state_dict
 
 
 def _declared_state_dict(tree: Mapping[str, Mapping[str, np.ndarray]]
