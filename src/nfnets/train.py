@@ -2,7 +2,8 @@
 
 Read top to bottom: ``TrainConfig`` (every knob, its default = the official recipe),
 ``train(cfg)`` (setup, the loop, the end of the run) and the small functions it calls.
-Recipe sources: deepmind-research nfnets/experiment_nfnets.py and nfnets/optim.py.
+Recipe sources: deepmind-research nfnets/ (experiment.py, experiment_nfnets.py, optim.py,
+utils.py); file names below are in that folder.
 
 A run owns its folder (``nfnets.lock.RunLock``), refuses to overwrite another run, resumes from
 the newest checkpoint that verifies (``nfnets.checkpoint``), and stops after the current step
@@ -88,13 +89,13 @@ class TrainConfig:
     epochs: int | None = None  # recipe: 360
     batch_size: int | None = None  # global batch; recipe: 4096
     lr: float | None = None  # peak; recipe: 0.1 · batch / 256
-    warmup_epochs: float | None = None  # recipe: 5, linear from exactly 0 (official.md §5.2)
-    weight_decay: float = 2e-5  # coupled L2, after clipping (§5.3)
-    clipping: float = 0.01  # AGC λ; 0 turns AGC off (§5.1)
-    momentum: float = 0.9  # Nesterov (§5.1)
-    label_smoothing: float = 0.1  # §5.6
-    ema_decay: float = 0.99999  # with the TF1 warm-up (§5.7)
-    stochdepth_rate: float | None = None  # recipe: 0.25 (§2.7; the model default is 0.1)
+    warmup_epochs: float | None = None  # recipe: 5, linear from 0 (optim.py WarmupCosineDecay)
+    weight_decay: float = 2e-5  # coupled L2, after clipping (optim.py SGD_AGC)
+    clipping: float = 0.01  # AGC λ; 0 turns AGC off (experiment_nfnets.py get_config)
+    momentum: float = 0.9  # Nesterov (experiment_nfnets.py get_config)
+    label_smoothing: float = 0.1  # experiment_nfnets.py get_config
+    ema_decay: float = 0.99999  # with the TF1 warm-up (utils.py)
+    stochdepth_rate: float | None = None  # recipe: 0.25 (the model default is 0.1)
     drop_rate: float | None = None  # variant's dropout (F0 0.2 … F4+ 0.5)
     augment: str | None = None  # official name, e.g. cutmix_mixup_randaugment_405
     train_size: int | None = None  # variant's train resolution
@@ -144,8 +145,9 @@ class TrainConfig:
 
 
 def _recipe_augment(defaults: dict) -> str:
-    # NFNets: half MixUp / half CutMix then RandAugment (official.md §5.1); NF-RegNets:
-    # mixup_cutmix without RandAugment (§5.11); NF-ResNets (base experiment): none.
+    # NFNets: half MixUp / half CutMix then RandAugment (experiment_nfnets.py); NF-RegNets:
+    # mixup_cutmix without RandAugment (experiment_nf_regnets.py); NF-ResNets (experiment.py):
+    # none.
     if defaults["ra_level"] is not None:
         return f"cutmix_mixup_randaugment_{defaults['ra_level']}"
     return "cutmix_mixup" if defaults["family"] == "nf_regnet" else "none"
@@ -336,7 +338,7 @@ def _train_step(model: nn.Module, optimizer, batches, cfg: TrainConfig,
     """Forward/backward over ``grad_accum`` micro-batches; (mean loss, finite?, skipped).
 
     Gradients are averaged over the global batch (DDP averages over ranks, the loss is divided
-    by the accumulation steps), as the official update uses the global-batch mean (§5.6). A
+    by the accumulation steps), as the official update uses the global-batch mean (experiment.py). A
     non-finite loss on any rank makes every rank skip the step, before any backward pass can
     poison the gradients; the step's remaining micro-batches are still consumed so the data
     order stays aligned with the step count.
@@ -354,7 +356,7 @@ def _train_step(model: nn.Module, optimizer, batches, cfg: TrainConfig,
         with nullcontext() if last or world == 1 else model.no_sync():
             with autocast:
                 logits = model(images)
-            # Logits in float32 for the loss (official.md §5.6); soft (mixed, smoothed) targets.
+            # Logits in float32 for the loss (experiment.py); soft (mixed, smoothed) targets.
             loss = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
             finite = torch.isfinite(loss.detach()).to(torch.float32)
             if world > 1:
