@@ -29,6 +29,7 @@ COMMANDS = {
     "convert": ("convert", "convert DeepMind's F*_haiku.npz to safetensors"),
     "export": ("export", "export a fused model to ONNX"),
     "plot": ("plot", "draw the training curves of a run as PNG files"),
+    "spp": ("spp", "signal propagation plots of a model (at init or trained), vs batch norm"),
 }
 
 
