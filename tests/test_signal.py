@@ -6,6 +6,8 @@ import csv
 import json
 import math
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +258,54 @@ def test_cli_usage_errors(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the AGC stability benchmark
+
+
+def import_benchmark():
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import agc_stability
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    return agc_stability
+
+
+def test_agc_benchmark_grid_logic():
+    bench = import_benchmark()
+    assert bench.clipping_of("agc_0.02") == 0.02
+    assert bench.clipping_of("none") is None and bench.clipping_of("bn") is None
+
+    def run(setting, lr, seed, top1):
+        return bench.Run(setting, 64, lr, lr / 4, seed, top1 is None, 5, 10, None, top1,
+                         None, 0.1)
+
+    runs = [run("none", 0.1, 0, 50.0), run("none", 0.1, 1, 70.0), run("none", 0.1, 2, None),
+            run("none", 1.6, 0, None), run("none", 1.6, 1, None), run("none", 1.6, 2, 90.0)]
+    # one diverged seed of three: the median of the survivors, the divergence counted
+    assert bench.cell_median(runs, "none", 64, 0.1) == (60.0, 1)
+    # most seeds diverged: the cell is diverged
+    median, diverged = bench.cell_median(runs, "none", 64, 1.6)
+    assert math.isnan(median) and diverged == 2
+    table = bench.markdown(runs, [64], [0.1, 1.6], ["none"], 3)
+    assert "| none | 64 | 60.0 (1/3 div.) | diverged |" in table
+
+
+@pytest.mark.slow  # ~6 s on an idle core; imports, digits and a figure
+def test_agc_benchmark_quick_mode(tmp_path):
+    bench = import_benchmark()
+    out = tmp_path / "agc.json"
+    record = bench.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["settings"]["settings"] == ["none", "agc_0.01", "bn"]
+    runs = {(r["setting"], r["base_lr"]): r for r in record["runs"]}
+    assert len(runs) == 6
+    # at base LR 25.6 (LR 3.2) the unclipped NF net diverges within the epoch, AGC keeps it
+    # finite, and the clipped run reports how many units it clipped
+    assert runs["none", 25.6]["diverged"] and runs["none", 25.6]["top1"] is None
+    assert not runs["agc_0.01", 25.6]["diverged"]
+    assert 0 < runs["agc_0.01", 25.6]["clip_fraction"] <= 1
+    assert runs["bn", 0.1]["clip_fraction"] is None
+    assert "| agc_0.01 | 32 |" in out.with_suffix(".md").read_text()
+    png_size(out.with_suffix(".png"))

@@ -1,0 +1,312 @@
+"""AGC's stability claim, measured small: a tiny NF-ResNet across batch sizes and learning rates.
+
+NFNet paper (arXiv 2102.06171) §4.1: without normalisation, NF-ResNets become unstable at large
+batch sizes and learning rates; Adaptive Gradient Clipping lets them train there, matching
+batch-normalised ResNets, and the best clipping factor λ gets smaller as the batch grows.
+
+This script trains one small NF-ResNet (NF-ResNet-50's blocks, width 0.5, one block per stage,
+no stochastic depth) on scikit-learn's digits at 32 px (or on any ImageNet-style folder) for
+each cell of a grid of batch sizes × peak learning rates, under five optimiser settings, all
+with the recipe's SGD (Nesterov 0.9, weight decay 2e-5, label smoothing 0.1, linear warm-up
+then cosine decay over a fixed number of epochs):
+
+- ``none``: the NF model without clipping (``nfnets.sgd_agc(..., clipping=None)``);
+- ``agc_0.01`` / ``agc_0.02`` / ``agc_0.04``: the NF model with AGC at λ (classifier weight
+  unclipped, as the recipe: ``nfnets.optim.param_groups``);
+- ``bn``: its batch-norm counterpart (``nfnets.signal.batchnorm_counterpart``: plain convs,
+  BN before every activation, α = 1, no skip gain), without clipping.
+
+The learning rate axis is the *base* rate per 256 images, so the peak rate of a cell is
+``base · batch / 256`` (``nfnets.peak_lr``), as in the recipe and the paper's batch-size sweep.
+A run whose loss becomes non-finite stops and counts as diverged. Results: held-out top-1 per
+run, written as JSON (with machine facts and the command), a markdown table and a heat-map PNG.
+Cells are run in an interleaved order (all settings of a cell one after another).
+
+Usage::
+
+    PYTHONPATH=src python benchmarks/agc_stability.py            # default grid, ~10 min / core
+    PYTHONPATH=src python benchmarks/agc_stability.py --quick    # seconds: a smoke test
+    PYTHONPATH=src python benchmarks/agc_stability.py --data DIR --image-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nfnets
+from nfnets.data import EvalTransform, ImageFolderDataset, digits_datasets, eval_collate, normalize
+from nfnets.optim import peak_lr, sgd_agc, warmup_cosine_lr
+from nfnets.signal import batchnorm_counterpart
+
+SETTINGS = ("none", "agc_0.01", "agc_0.02", "agc_0.04", "bn")
+DEFAULT_BATCHES = (16, 64, 256)
+DEFAULT_BASE_LRS = (0.1, 0.4, 1.6, 6.4)
+MODEL = "nf_resnet50"
+MODEL_ARGS = {"width": 0.5, "depths": [1, 1, 1, 1], "stochdepth_rate": 0.0}
+LABEL_SMOOTHING = 0.1  # the recipe's (official.md §5.6)
+RESULTS = Path("benchmarks/results")
+
+
+@dataclass
+class Run:
+    """One training run of the grid."""
+
+    setting: str
+    batch_size: int
+    base_lr: float
+    lr: float
+    seed: int
+    diverged: bool
+    steps: int  # optimiser steps taken (fewer than planned when diverged)
+    planned_steps: int
+    final_loss: float | None  # mean training loss of the last epoch run
+    top1: float | None  # held-out top-1 in percent; None when diverged
+    clip_fraction: float | None  # mean fraction of AGC units clipped per step
+    seconds: float
+
+
+def clipping_of(setting: str) -> float | None:
+    """λ of an ``agc_*`` setting, None for ``none`` and ``bn``."""
+    return float(setting.split("_")[1]) if setting.startswith("agc_") else None
+
+
+def load_data(data: str, image_size: int, seed: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(train images, train labels, held-out images, held-out labels, classes), normalised,
+    in memory (the digits' stratified split, or a folder's train/ and val/ at ``image_size``
+    with the evaluation transform: no augmentation, so runs differ only in the optimiser)."""
+    if data == "digits":
+        train, val = digits_datasets(image_size, seed=seed)
+        def tensors(ds):
+            return normalize(ds.images.expand(-1, 3, -1, -1).float()), ds.labels
+        return (*tensors(train), *tensors(val), len(train.classes))
+    splits = []
+    for split in ("train", "val"):
+        dataset = ImageFolderDataset(data, split, EvalTransform(image_size))
+        batch = eval_collate([dataset[i] for i in range(len(dataset))])
+        splits += [batch.images, batch.labels]
+    return (*splits, len(dataset.classes))
+
+
+def build(setting: str, num_classes: int, seed: int) -> nn.Module:
+    """The tiny NF-ResNet (or its BN counterpart), initialised from ``seed``."""
+    torch.manual_seed(seed)
+    model = nfnets.create_model(MODEL, num_classes=num_classes, **MODEL_ARGS)
+    return batchnorm_counterpart(model) if setting == "bn" else model
+
+
+def train_run(setting: str, batch_size: int, base_lr: float, data: tuple, epochs: int,
+              warmup_epochs: float, seed: int) -> Run:
+    """Train one cell; stop at the first non-finite loss."""
+    x_train, y_train, x_val, y_val, num_classes = data
+    model = build(setting, num_classes, seed)
+    lr = peak_lr(batch_size, base_lr)
+    optimizer = sgd_agc(model, lr, clipping=clipping_of(setting))
+    per_epoch = len(x_train) // batch_size
+    if per_epoch == 0:
+        raise SystemExit(f"batch size {batch_size} exceeds the {len(x_train)} training images")
+    total = epochs * per_epoch
+    schedule = warmup_cosine_lr(optimizer, min(warmup_epochs * per_epoch, total - 1), total)
+    order = torch.Generator().manual_seed(seed)
+    start, steps, diverged, clipped, losses = time.perf_counter(), 0, False, [], []
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x_train), generator=order)
+        losses = []
+        for i in range(per_epoch):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx],
+                                   label_smoothing=LABEL_SMOOTHING)
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            steps += 1
+            losses.append(loss.item())
+            if optimizer.last_stats is not None and optimizer.clipping is not None:
+                clipped.append(float(optimizer.last_stats.fraction))
+        if diverged:
+            break
+    top1 = None if diverged else accuracy(model, x_val, y_val)
+    return Run(setting, batch_size, base_lr, lr, seed, diverged, steps, total,
+               statistics.fmean(losses) if losses and not diverged else None, top1,
+               statistics.fmean(clipped) if clipped else None, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Held-out top-1 (percent) in eval mode; a non-finite logit counts as wrong."""
+    model.eval()
+    logits = torch.cat([model(chunk) for chunk in x.split(256)])
+    right = (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
+    return 100.0 * right.float().mean().item()
+
+
+def cell_median(runs: list[Run], setting: str, batch: int, base_lr: float) -> tuple[float, int]:
+    """(median top-1 over seeds with diverged runs as NaN, number of diverged seeds)."""
+    cell = [r for r in runs if (r.setting, r.batch_size, r.base_lr) == (setting, batch, base_lr)]
+    values = sorted(math.nan if r.top1 is None else r.top1 for r in cell)
+    finite = [v for v in values if not math.isnan(v)]
+    diverged = len(values) - len(finite)
+    # a cell where most seeds diverged is diverged; otherwise the median of the survivors
+    median = statistics.median(finite) if finite and diverged * 2 < len(values) else math.nan
+    return median, diverged
+
+
+def markdown(runs: list[Run], batches: list[int], lrs: list[float], settings: list[str],
+             seeds: int) -> str:
+    """One table: a row per (setting, batch), a column per base LR; median held-out top-1."""
+    head = "| setting | batch | " + " | ".join(f"base lr {lr:g}" for lr in lrs) + " |"
+    lines = [head, "|" + "---|" * (len(lrs) + 2)]
+    for setting in settings:
+        for batch in batches:
+            cells = []
+            for lr in lrs:
+                median, diverged = cell_median(runs, setting, batch, lr)
+                text = "diverged" if math.isnan(median) else f"{median:.1f}"
+                if diverged and not math.isnan(median):
+                    text += f" ({diverged}/{seeds} div.)"
+                cells.append(text)
+            lines.append(f"| {setting} | {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(runs: list[Run], batches: list[int], lrs: list[float], settings: list[str],
+            path: Path, title: str) -> None:
+    """One panel per setting: batch size × base LR, colour = median held-out top-1, ✗ =
+    diverged (non-finite loss)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.0 * len(settings) + 1.2, 0.55 * len(batches) + 2.3),
+                 layout="constrained")
+    axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
+    image = None
+    for ax, setting in zip(axes, settings, strict=True):
+        grid = [[cell_median(runs, setting, b, lr)[0] for lr in lrs] for b in batches]
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto",
+                          origin="lower")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                diverged = math.isnan(value)
+                ax.text(j, i, "✗" if diverged else f"{value:.0f}", ha="center", va="center",
+                        color="red" if diverged else ("black" if value > 60 else "white"),
+                        fontsize=12 if diverged else 9, fontweight="bold")
+        ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+        ax.set_yticks(range(len(batches)), [str(b) for b in batches])
+        ax.set_xlabel("base LR (per 256 images)")
+        ax.set_title(_TITLES.get(setting) or f"NF + AGC λ={clipping_of(setting):g}",
+                     fontsize=10)
+    axes[0].set_ylabel("batch size")
+    fig.colorbar(image, ax=list(axes), label="held-out top-1 (%)", shrink=0.9)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+
+
+_TITLES = {"none": "NF, no clipping", "bn": "BN counterpart"}
+
+
+def machine() -> dict:
+    """Facts about the machine the numbers come from."""
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="digits",
+                        help="'digits' (default) or an ImageNet-style folder with train/, val/")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCHES)))
+    parser.add_argument("--base-lrs", default=",".join(map(str, DEFAULT_BASE_LRS)),
+                        help="peak LRs per 256 images; a cell's LR is base · batch / 256")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"subset of {','.join(SETTINGS)}")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--warmup-epochs", type=float, default=1.0)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per cell (median reported)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="use only the first N training images (0: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test in seconds: 256 images at 16 px, one epoch at batch "
+                        "32, base LRs 0.1 and 25.6, settings none, agc_0.01 and bn")
+    parser.add_argument("--out", type=Path, default=RESULTS / "agc_stability.json",
+                        help="JSON path; the .md table and .png heat map go beside it")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.base_lrs, args.settings = "32", "0.1,25.6", "none,agc_0.01,bn"
+        args.epochs, args.image_size, args.warmup_epochs, args.limit = 1, 16, 0.25, 256
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.base_lrs = [float(v) for v in args.base_lrs.split(",")]
+    args.settings = args.settings.split(",")
+    unknown = set(args.settings) - set(SETTINGS)
+    if unknown:
+        parser.error(f"unknown settings {sorted(unknown)}; choose from {SETTINGS}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the grid and write JSON, markdown and PNG; returns the JSON record."""
+    args = parse_args(argv)
+    data = load_data(args.data, args.image_size)
+    if args.limit:
+        data = (data[0][:args.limit], data[1][:args.limit], *data[2:])
+    runs: list[Run] = []
+    for seed in range(args.seeds):
+        for batch in args.batch_sizes:
+            for base_lr in args.base_lrs:
+                for setting in args.settings:  # interleaved: every setting of a cell in turn
+                    run = train_run(setting, batch, base_lr, data, args.epochs,
+                                    args.warmup_epochs, seed)
+                    runs.append(run)
+                    result = "diverged" if run.diverged else f"top-1 {run.top1:5.1f}%"
+                    print(f"{setting:>9} batch {batch:4d} base lr {base_lr:<5g} "
+                          f"(lr {run.lr:.4g}) seed {seed}: {result} "
+                          f"[{run.steps}/{run.planned_steps} steps, {run.seconds:.1f}s]",
+                          flush=True)
+    title = (f"{MODEL} width 0.5, depths 1/1/1/1 on {args.data} at {args.image_size} px, "
+             f"{args.epochs} epochs; median of {args.seeds} seed(s); ✗ = diverged")
+    record = {
+        "command": "python benchmarks/agc_stability.py " + " ".join(sys.argv[1:] if argv is None
+                                                                   else argv),
+        "machine": machine(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "nfnets": nfnets.__version__},
+        "settings": {"model": MODEL, "model_args": MODEL_ARGS, "data": args.data,
+                     "image_size": args.image_size, "train_images": len(data[0]),
+                     "heldout_images": len(data[2]), "epochs": args.epochs,
+                     "warmup_epochs": args.warmup_epochs, "seeds": args.seeds,
+                     "batch_sizes": args.batch_sizes, "base_lrs": args.base_lrs,
+                     "optimizer": "nfnets.sgd_agc: SGD Nesterov 0.9, wd 2e-5, AGC eps 1e-3",
+                     "label_smoothing": LABEL_SMOOTHING, "settings": args.settings},
+        "runs": [asdict(r) for r in runs],
+    }
+    table = markdown(runs, args.batch_sizes, args.base_lrs, args.settings, args.seeds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(f"{title}\n\n{table}")
+    heatmap(runs, args.batch_sizes, args.base_lrs, args.settings, args.out.with_suffix(".png"),
+            title)
+    print(table)
+    return record
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # one core per run: comparable across machines, as documented
+    main()
