@@ -17,6 +17,7 @@ from .optim import (
     warmup_cosine,
     warmup_cosine_lr,
 )
+from .signal import batchnorm_counterpart, signal_propagation
 from .weights import convert_official, load_pretrained, load_weights, save_weights
 from .winograd import set_winograd, use_winograd
 
@@ -27,6 +28,7 @@ __all__ = [
     "EMA",
     "ClipStats",
     "adaptive_clip_grad_",
+    "batchnorm_counterpart",
     "convert_official",
     "count_flops",
     "count_params",
@@ -43,6 +45,7 @@ __all__ = [
     "set_winograd",
     "sgd_agc",
     "signal_metrics",
+    "signal_propagation",
     "use_winograd",
     "warmup_cosine",
     "warmup_cosine_lr",
