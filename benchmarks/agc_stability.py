@@ -27,6 +27,9 @@ Usage::
     PYTHONPATH=src python benchmarks/agc_stability.py            # default grid, ~10 min / core
     PYTHONPATH=src python benchmarks/agc_stability.py --quick    # seconds: a smoke test
     PYTHONPATH=src python benchmarks/agc_stability.py --data DIR --image-size 64
+    # the grid split over processes (one per batch size), then combined:
+    PYTHONPATH=src python benchmarks/agc_stability.py --batch-sizes 16 --out b16.json  # &c.
+    PYTHONPATH=src python benchmarks/agc_stability.py --merge b16.json b64.json b256.json
 """
 
 from __future__ import annotations
@@ -246,6 +249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test in seconds: 256 images at 16 px, one epoch at batch "
                         "32, base LRs 0.1 and 25.6, settings none, agc_0.01 and bn")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="combine partial results (e.g. one process per batch size) into "
+                        "--out, with its table and heat map; runs nothing")
     parser.add_argument("--out", type=Path, default=RESULTS / "agc_stability.json",
                         help="JSON path; the .md table and .png heat map go beside it")
     args = parser.parse_args(argv)
@@ -261,30 +267,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_report(record: dict, out: Path, figures: bool = True) -> str:
+    """Write ``record`` as JSON to ``out`` and, with ``figures``, the markdown table and the heat
+    map beside it; returns the table."""
+    cfg = record["settings"]
+    runs = [Run(**r) for r in record["runs"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    table = markdown(runs, cfg["batch_sizes"], cfg["base_lrs"], cfg["settings"], cfg["seeds"])
+    if figures:
+        title = (f"{MODEL} width 0.5, depths 1/1/1/1 on {cfg['data']} at {cfg['image_size']} "
+                 f"px, {cfg['epochs']} epochs; median of {cfg['seeds']} seed(s); ✗ = diverged")
+        out.with_suffix(".md").write_text(f"{title}\n\n{table}")
+        heatmap(runs, cfg["batch_sizes"], cfg["base_lrs"], cfg["settings"],
+                out.with_suffix(".png"), title)
+    return table
+
+
+def merge(paths: list[Path]) -> dict:
+    """One record from several partial grids (e.g. one process per batch size) that share
+    every setting but the batch sizes and seeds."""
+    records = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(records[0])
+    cfg = dict(merged["settings"])
+    fixed = ("model", "model_args", "data", "image_size", "epochs", "warmup_epochs",
+             "label_smoothing", "settings", "base_lrs")
+    for other in records[1:]:
+        for key in fixed:
+            if other["settings"][key] != cfg[key]:
+                raise SystemExit(f"cannot merge: {key} differs ({other['settings'][key]!r} vs "
+                                 f"{cfg[key]!r})")
+    cfg["batch_sizes"] = sorted({b for r in records for b in r["settings"]["batch_sizes"]})
+    cfg["seeds"] = max(r["settings"]["seeds"] for r in records)
+    merged["settings"] = cfg
+    merged["command"] = [r["command"] for r in records]
+    merged["machine"] = [r["machine"] for r in records]
+    merged["runs"] = [run for r in records for run in r["runs"]]
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Run the grid and write JSON, markdown and PNG; returns the JSON record."""
+    """Run the grid (or ``--merge`` partial results) and write JSON, markdown and PNG; returns
+    the JSON record. The JSON is rewritten after every run, so a long grid loses nothing."""
     args = parse_args(argv)
+    command = "python benchmarks/agc_stability.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    if args.merge:
+        record = merge(args.merge)
+        record["command"].append(command)
+        print(write_report(record, args.out))
+        return record
     data = load_data(args.data, args.image_size)
     if args.limit:
         data = (data[0][:args.limit], data[1][:args.limit], *data[2:])
-    runs: list[Run] = []
-    for seed in range(args.seeds):
-        for batch in args.batch_sizes:
-            for base_lr in args.base_lrs:
-                for setting in args.settings:  # interleaved: every setting of a cell in turn
-                    run = train_run(setting, batch, base_lr, data, args.epochs,
-                                    args.warmup_epochs, seed)
-                    runs.append(run)
-                    result = "diverged" if run.diverged else f"top-1 {run.top1:5.1f}%"
-                    print(f"{setting:>9} batch {batch:4d} base lr {base_lr:<5g} "
-                          f"(lr {run.lr:.4g}) seed {seed}: {result} "
-                          f"[{run.steps}/{run.planned_steps} steps, {run.seconds:.1f}s]",
-                          flush=True)
-    title = (f"{MODEL} width 0.5, depths 1/1/1/1 on {args.data} at {args.image_size} px, "
-             f"{args.epochs} epochs; median of {args.seeds} seed(s); ✗ = diverged")
     record = {
-        "command": "python benchmarks/agc_stability.py " + " ".join(sys.argv[1:] if argv is None
-                                                                   else argv),
+        "command": command,
         "machine": machine(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "nfnets": nfnets.__version__},
@@ -295,15 +332,23 @@ def main(argv: list[str] | None = None) -> dict:
                      "batch_sizes": args.batch_sizes, "base_lrs": args.base_lrs,
                      "optimizer": "nfnets.sgd_agc: SGD Nesterov 0.9, wd 2e-5, AGC eps 1e-3",
                      "label_smoothing": LABEL_SMOOTHING, "settings": args.settings},
-        "runs": [asdict(r) for r in runs],
+        "runs": [],
     }
-    table = markdown(runs, args.batch_sizes, args.base_lrs, args.settings, args.seeds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(f"{title}\n\n{table}")
-    heatmap(runs, args.batch_sizes, args.base_lrs, args.settings, args.out.with_suffix(".png"),
-            title)
-    print(table)
+    for seed in range(args.seeds):
+        for batch in args.batch_sizes:
+            for base_lr in args.base_lrs:
+                for setting in args.settings:  # interleaved: every setting of a cell in turn
+                    run = train_run(setting, batch, base_lr, data, args.epochs,
+                                    args.warmup_epochs, seed)
+                    record["runs"].append(asdict(run))
+                    write_report(record, args.out, figures=False)
+                    result = "diverged" if run.diverged else f"top-1 {run.top1:5.1f}%"
+                    print(f"{setting:>9} batch {batch:4d} base lr {base_lr:<5g} "
+                          f"(lr {run.lr:.4g}) seed {seed}: {result} "
+                          f"[{run.steps}/{run.planned_steps} steps, {run.seconds:.1f}s]",
+                          flush=True)
+    record["machine"]["load_average_at_end"] = machine()["load_average_1_5_15"]
+    print(write_report(record, args.out))
     return record
 
 

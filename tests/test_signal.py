@@ -293,6 +293,30 @@ def test_agc_benchmark_grid_logic():
     assert "| none | 64 | 60.0 (1/3 div.) | diverged |" in table
 
 
+def test_agc_benchmark_merges_partial_grids(tmp_path):
+    bench = import_benchmark()
+    settings = {"model": "m", "model_args": {}, "data": "digits", "image_size": 32, "epochs": 5,
+                "warmup_epochs": 1.0, "label_smoothing": 0.1, "settings": ["none"],
+                "base_lrs": [0.1], "seeds": 1}
+    paths = []
+    for batch, top1 in ((256, None), (16, 80.0)):
+        run = bench.Run("none", batch, 0.1, 0.1, 0, top1 is None, 3, 9, None, top1, None, 1.0)
+        record = {"command": f"run {batch}", "machine": {}, "runs": [bench.asdict(run)],
+                  "settings": {**settings, "batch_sizes": [batch]}}
+        paths.append(tmp_path / f"b{batch}.json")
+        paths[-1].write_text(json.dumps(record))
+    merged = bench.merge(paths)
+    assert merged["settings"]["batch_sizes"] == [16, 256]
+    assert merged["command"] == ["run 256", "run 16"] and len(merged["runs"]) == 2
+    table = bench.write_report(merged, tmp_path / "all.json", figures=False)
+    assert "| none | 16 | 80.0 |" in table and "| none | 256 | diverged |" in table
+    other = json.loads(paths[0].read_text())
+    other["settings"]["epochs"] = 6
+    paths[0].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="epochs differs"):
+        bench.merge(paths)
+
+
 @pytest.mark.slow  # ~6 s on an idle core; imports, digits and a figure
 def test_agc_benchmark_quick_mode(tmp_path):
     bench = import_benchmark()
