@@ -13,6 +13,11 @@ then cosine decay over a fixed number of epochs):
 - ``none``: the NF model without clipping (``nfnets.sgd_agc(..., clipping=None)``);
 - ``agc_0.01`` / ``agc_0.02`` / ``agc_0.04``: the NF model with AGC at λ (classifier weight
   unclipped, as the recipe: ``nfnets.optim.param_groups``);
+- ``agc_0.01_noskip`` (not in the default grid): AGC at 0.01 with the SkipInit gains left
+  unclipped. AGC floors each unit's weight norm at eps = 1e-3, so a zero-initialised skip gain
+  may move by at most λ · 1e-3 per step (official behaviour): at small learning rates and short
+  runs the residual branches then stay switched off. This setting separates that effect from
+  AGC's clipping of the rest;
 - ``bn``: its batch-norm counterpart (``nfnets.signal.batchnorm_counterpart``: plain convs,
   BN before every activation, α = 1, no skip gain), without clipping.
 
@@ -51,10 +56,12 @@ from torch import nn
 
 import nfnets
 from nfnets.data import EvalTransform, ImageFolderDataset, digits_datasets, eval_collate, normalize
+from nfnets.models import NFResidualBlock
 from nfnets.optim import peak_lr, sgd_agc, warmup_cosine_lr
 from nfnets.signal import batchnorm_counterpart
 
-SETTINGS = ("none", "agc_0.01", "agc_0.02", "agc_0.04", "bn")
+SETTINGS = ("none", "agc_0.01", "agc_0.02", "agc_0.04", "agc_0.01_noskip", "bn")
+DEFAULT_SETTINGS = ("none", "agc_0.01", "agc_0.02", "agc_0.04", "bn")
 DEFAULT_BATCHES = (16, 64, 256)
 DEFAULT_BASE_LRS = (0.1, 0.4, 1.6, 6.4)
 MODEL = "nf_resnet50"
@@ -79,6 +86,7 @@ class Run:
     top1: float | None  # held-out top-1 in percent; None when diverged
     clip_fraction: float | None  # mean fraction of AGC units clipped per step
     seconds: float
+    skip_gain: float | None = None  # mean |SkipInit gain| over the NF blocks at the end
 
 
 def clipping_of(setting: str) -> float | None:
@@ -117,7 +125,9 @@ def train_run(setting: str, batch_size: int, base_lr: float, data: tuple, epochs
     x_train, y_train, x_val, y_val, num_classes = data
     model = build(setting, num_classes, seed)
     lr = peak_lr(batch_size, base_lr)
-    optimizer = sgd_agc(model, lr, clipping=clipping_of(setting))
+    free = [name for name, _ in model.named_parameters()
+            if setting.endswith("_noskip") and name.endswith("skip_gain")]
+    optimizer = sgd_agc(model, lr, clipping=clipping_of(setting), exclude_from_clipping=free)
     per_epoch = len(x_train) // batch_size
     if per_epoch == 0:
         raise SystemExit(f"batch size {batch_size} exceeds the {len(x_train)} training images")
@@ -147,9 +157,12 @@ def train_run(setting: str, batch_size: int, base_lr: float, data: tuple, epochs
         if diverged:
             break
     top1 = None if diverged else accuracy(model, x_val, y_val)
+    gains = [abs(float(b.skip_gain.detach())) for b in model.modules()
+             if isinstance(b, NFResidualBlock)]
     return Run(setting, batch_size, base_lr, lr, seed, diverged, steps, total,
                statistics.fmean(losses) if losses and not diverged else None, top1,
-               statistics.fmean(clipped) if clipped else None, time.perf_counter() - start)
+               statistics.fmean(clipped) if clipped else None, time.perf_counter() - start,
+               None if setting == "bn" or diverged else statistics.fmean(gains))
 
 
 @torch.no_grad()
@@ -221,7 +234,8 @@ def heatmap(runs: list[Run], batches: list[int], lrs: list[float], settings: lis
     fig.savefig(path, dpi=110)
 
 
-_TITLES = {"none": "NF, no clipping", "bn": "BN counterpart"}
+_TITLES = {"none": "NF, no clipping", "bn": "BN counterpart",
+           "agc_0.01_noskip": "NF + AGC λ=0.01,\nskip gains unclipped"}
 
 
 def machine() -> dict:
@@ -239,7 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCHES)))
     parser.add_argument("--base-lrs", default=",".join(map(str, DEFAULT_BASE_LRS)),
                         help="peak LRs per 256 images; a cell's LR is base · batch / 256")
-    parser.add_argument("--settings", default=",".join(SETTINGS),
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
                         help=f"subset of {','.join(SETTINGS)}")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--warmup-epochs", type=float, default=1.0)
@@ -291,7 +305,7 @@ def merge(paths: list[Path]) -> dict:
     merged = dict(records[0])
     cfg = dict(merged["settings"])
     fixed = ("model", "model_args", "data", "image_size", "epochs", "warmup_epochs",
-             "label_smoothing", "settings", "base_lrs")
+             "label_smoothing", "base_lrs")
     for other in records[1:]:
         for key in fixed:
             if other["settings"][key] != cfg[key]:
@@ -299,6 +313,8 @@ def merge(paths: list[Path]) -> dict:
                                  f"{cfg[key]!r})")
     cfg["batch_sizes"] = sorted({b for r in records for b in r["settings"]["batch_sizes"]})
     cfg["seeds"] = max(r["settings"]["seeds"] for r in records)
+    found = {s for r in records for s in r["settings"]["settings"]}
+    cfg["settings"] = [s for s in SETTINGS if s in found]
     merged["settings"] = cfg
     merged["command"] = [r["command"] for r in records]
     merged["machine"] = [r["machine"] for r in records]
