@@ -207,7 +207,11 @@ def heatmap(runs: list[Run], batches: list[int], lrs: list[float], settings: lis
             path: Path, title: str) -> None:
     """One panel per setting: batch size × base LR, colour = median held-out top-1, ✗ =
     diverged (non-finite loss)."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
+
+    cmap = colormaps["viridis"].copy()
+    cmap.set_bad("#dddddd")  # diverged cells: grey behind the red cross
 
     fig = Figure(figsize=(3.0 * len(settings) + 1.2, 0.55 * len(batches) + 2.3),
                  layout="constrained")
@@ -215,7 +219,7 @@ def heatmap(runs: list[Run], batches: list[int], lrs: list[float], settings: lis
     image = None
     for ax, setting in zip(axes, settings, strict=True):
         grid = [[cell_median(runs, setting, b, lr)[0] for lr in lrs] for b in batches]
-        image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto",
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap=cmap, aspect="auto",
                           origin="lower")
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
@@ -291,7 +295,7 @@ def write_report(record: dict, out: Path, figures: bool = True) -> str:
     table = markdown(runs, cfg["batch_sizes"], cfg["base_lrs"], cfg["settings"], cfg["seeds"])
     if figures:
         title = (f"{MODEL} width 0.5, depths 1/1/1/1 on {cfg['data']} at {cfg['image_size']} "
-                 f"px, {cfg['epochs']} epochs; median of {cfg['seeds']} seed(s); ✗ = diverged")
+                 f"px, {cfg['epochs']} epoch(s); median of {cfg['seeds']} seed(s); ✗ = diverged")
         out.with_suffix(".md").write_text(f"{title}\n\n{table}")
         heatmap(runs, cfg["batch_sizes"], cfg["base_lrs"], cfg["settings"],
                 out.with_suffix(".png"), title)
