@@ -174,15 +174,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * right.float().mean().item()
 
 
-def cell_median(runs: list[Run], setting: str, batch: int, base_lr: float) -> tuple[float, int]:
-    """(median top-1 over seeds with diverged runs as NaN, number of diverged seeds)."""
+def cell_median(runs: list[Run], setting: str, batch: int, base_lr: float
+                ) -> tuple[float, int, int]:
+    """(median top-1 over the cell's seeds, diverged seeds, seeds run). Diverged runs count as
+    NaN: a cell where at least half the seeds diverged is NaN (diverged), otherwise the median
+    of the survivors. A cell nobody ran is (NaN, 0, 0)."""
     cell = [r for r in runs if (r.setting, r.batch_size, r.base_lr) == (setting, batch, base_lr)]
-    values = sorted(math.nan if r.top1 is None else r.top1 for r in cell)
-    finite = [v for v in values if not math.isnan(v)]
-    diverged = len(values) - len(finite)
-    # a cell where most seeds diverged is diverged; otherwise the median of the survivors
-    median = statistics.median(finite) if finite and diverged * 2 < len(values) else math.nan
-    return median, diverged
+    finite = [r.top1 for r in cell if r.top1 is not None]
+    diverged = len(cell) - len(finite)
+    median = statistics.median(finite) if finite and diverged * 2 < len(cell) else math.nan
+    return median, diverged, len(cell)
 
 
 def markdown(runs: list[Run], batches: list[int], lrs: list[float], settings: list[str],
@@ -194,10 +195,12 @@ def markdown(runs: list[Run], batches: list[int], lrs: list[float], settings: li
         for batch in batches:
             cells = []
             for lr in lrs:
-                median, diverged = cell_median(runs, setting, batch, lr)
+                median, diverged, count = cell_median(runs, setting, batch, lr)
                 text = "diverged" if math.isnan(median) else f"{median:.1f}"
-                if diverged and not math.isnan(median):
-                    text += f" ({diverged}/{seeds} div.)"
+                if not count:
+                    text = "not run"
+                elif diverged and not math.isnan(median):
+                    text += f" ({diverged}/{count} div.)"
                 cells.append(text)
             lines.append(f"| {setting} | {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -218,11 +221,15 @@ def heatmap(runs: list[Run], batches: list[int], lrs: list[float], settings: lis
     axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
     image = None
     for ax, setting in zip(axes, settings, strict=True):
-        grid = [[cell_median(runs, setting, b, lr)[0] for lr in lrs] for b in batches]
+        cells = [[cell_median(runs, setting, b, lr) for lr in lrs] for b in batches]
+        grid = [[median for median, _, _ in row] for row in cells]
         image = ax.imshow(grid, vmin=0, vmax=100, cmap=cmap, aspect="auto",
                           origin="lower")
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
+        for i, row in enumerate(cells):
+            for j, (value, _, count) in enumerate(row):
+                if not count:
+                    ax.text(j, i, "not run", ha="center", va="center", fontsize=8)
+                    continue
                 diverged = math.isnan(value)
                 ax.text(j, i, "✗" if diverged else f"{value:.0f}", ha="center", va="center",
                         color="red" if diverged else ("black" if value > 60 else "white"),
@@ -303,26 +310,32 @@ def write_report(record: dict, out: Path, figures: bool = True) -> str:
 
 
 def merge(paths: list[Path]) -> dict:
-    """One record from several partial grids (e.g. one process per batch size) that share
-    every setting but the batch sizes and seeds."""
+    """One record from several partial grids (e.g. one process per batch size or LR range)
+    that share the model, data and schedule; batch sizes, LRs, settings and seeds are united."""
     records = [json.loads(Path(p).read_text()) for p in paths]
     merged = dict(records[0])
     cfg = dict(merged["settings"])
     fixed = ("model", "model_args", "data", "image_size", "epochs", "warmup_epochs",
-             "label_smoothing", "base_lrs")
+             "label_smoothing")
     for other in records[1:]:
         for key in fixed:
             if other["settings"][key] != cfg[key]:
                 raise SystemExit(f"cannot merge: {key} differs ({other['settings'][key]!r} vs "
                                  f"{cfg[key]!r})")
     cfg["batch_sizes"] = sorted({b for r in records for b in r["settings"]["batch_sizes"]})
+    cfg["base_lrs"] = sorted({v for r in records for v in r["settings"]["base_lrs"]})
     cfg["seeds"] = max(r["settings"]["seeds"] for r in records)
     found = {s for r in records for s in r["settings"]["settings"]}
     cfg["settings"] = [s for s in SETTINGS if s in found]
     merged["settings"] = cfg
     merged["command"] = [r["command"] for r in records]
     merged["machine"] = [r["machine"] for r in records]
-    merged["runs"] = [run for r in records for run in r["runs"]]
+    # a cell run twice (a split grid that overlapped): the first file's run wins
+    runs = {}
+    for r in records:
+        for run in r["runs"]:
+            runs.setdefault((run["setting"], run["batch_size"], run["base_lr"], run["seed"]), run)
+    merged["runs"] = list(runs.values())
     return merged
 
 

@@ -285,12 +285,12 @@ def test_agc_benchmark_grid_logic():
     runs = [run("none", 0.1, 0, 50.0), run("none", 0.1, 1, 70.0), run("none", 0.1, 2, None),
             run("none", 1.6, 0, None), run("none", 1.6, 1, None), run("none", 1.6, 2, 90.0)]
     # one diverged seed of three: the median of the survivors, the divergence counted
-    assert bench.cell_median(runs, "none", 64, 0.1) == (60.0, 1)
+    assert bench.cell_median(runs, "none", 64, 0.1) == (60.0, 1, 3)
     # most seeds diverged: the cell is diverged
-    median, diverged = bench.cell_median(runs, "none", 64, 1.6)
-    assert math.isnan(median) and diverged == 2
-    table = bench.markdown(runs, [64], [0.1, 1.6], ["none"], 3)
-    assert "| none | 64 | 60.0 (1/3 div.) | diverged |" in table
+    median, diverged, count = bench.cell_median(runs, "none", 64, 1.6)
+    assert math.isnan(median) and (diverged, count) == (2, 3)
+    table = bench.markdown(runs, [64], [0.1, 1.6, 6.4], ["none"], 3)
+    assert "| none | 64 | 60.0 (1/3 div.) | diverged | not run |" in table
 
 
 def test_agc_benchmark_merges_partial_grids(tmp_path):
@@ -301,15 +301,18 @@ def test_agc_benchmark_merges_partial_grids(tmp_path):
     paths = []
     for batch, top1 in ((256, None), (16, 80.0)):
         run = bench.Run("none", batch, 0.1, 0.1, 0, top1 is None, 3, 9, None, top1, None, 1.0)
-        record = {"command": f"run {batch}", "machine": {}, "runs": [bench.asdict(run)],
+        duplicate = bench.Run("none", 16, 0.1, 0.1, 0, False, 9, 9, None, 10.0, None, 1.0)
+        record = {"command": f"run {batch}", "machine": {},
+                  "runs": [bench.asdict(run), bench.asdict(duplicate)],
                   "settings": {**settings, "batch_sizes": [batch]}}
         paths.append(tmp_path / f"b{batch}.json")
         paths[-1].write_text(json.dumps(record))
     merged = bench.merge(paths)
     assert merged["settings"]["batch_sizes"] == [16, 256]
+    # the 16-batch cell appears in both files: the first file's run is kept
     assert merged["command"] == ["run 256", "run 16"] and len(merged["runs"]) == 2
     table = bench.write_report(merged, tmp_path / "all.json", figures=False)
-    assert "| none | 16 | 80.0 |" in table and "| none | 256 | diverged |" in table
+    assert "| none | 16 | 10.0 |" in table and "| none | 256 | diverged |" in table
     other = json.loads(paths[0].read_text())
     other["settings"]["epochs"] = 6
     paths[0].write_text(json.dumps(other))
