@@ -216,9 +216,15 @@ def heatmap(runs: list[Run], batches: list[int], lrs: list[float], settings: lis
     cmap = colormaps["viridis"].copy()
     cmap.set_bad("#dddddd")  # diverged cells: grey behind the red cross
 
-    fig = Figure(figsize=(3.0 * len(settings) + 1.2, 0.55 * len(batches) + 2.3),
+    cols = min(len(settings), 3)  # rows of three panels stay readable at normal size
+    rows = math.ceil(len(settings) / cols)
+    fig = Figure(figsize=(3.3 * cols + 1.2, (0.55 * len(batches) + 1.9) * rows + 0.4),
                  layout="constrained")
-    axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
+    grid_axes = fig.subplots(rows, cols, sharey=True, squeeze=False)
+    axes = list(grid_axes.flat)
+    for ax in axes[len(settings):]:
+        ax.set_visible(False)
+    axes = axes[:len(settings)]
     image = None
     for ax, setting in zip(axes, settings, strict=True):
         cells = [[cell_median(runs, setting, b, lr) for lr in lrs] for b in batches]
@@ -239,8 +245,9 @@ def heatmap(runs: list[Run], batches: list[int], lrs: list[float], settings: lis
         ax.set_xlabel("base LR (per 256 images)")
         ax.set_title(_TITLES.get(setting) or f"NF + AGC λ={clipping_of(setting):g}",
                      fontsize=10)
-    axes[0].set_ylabel("batch size")
-    fig.colorbar(image, ax=list(axes), label="held-out top-1 (%)", shrink=0.9)
+    for row in grid_axes:
+        row[0].set_ylabel("batch size")
+    fig.colorbar(image, ax=axes, label="held-out top-1 (%)", shrink=0.9)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
 
