@@ -29,7 +29,7 @@ Cells are run in an interleaved order (all settings of a cell one after another)
 
 Usage::
 
-    PYTHONPATH=src python benchmarks/agc_stability.py            # default grid, ~10 min / core
+    PYTHONPATH=src python benchmarks/agc_stability.py            # the default grid: 60 runs
     PYTHONPATH=src python benchmarks/agc_stability.py --quick    # seconds: a smoke test
     PYTHONPATH=src python benchmarks/agc_stability.py --data DIR --image-size 64
     # the grid split over processes (one per batch size), then combined:
