@@ -213,8 +213,7 @@ def heatmap(runs: list[Run], batches: list[int], lrs: list[float], settings: lis
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    cmap = colormaps["viridis"].copy()
-    cmap.set_bad("#dddddd")  # diverged cells: grey behind the red cross
+    cmap = colormaps["viridis"].with_extremes(bad="#dddddd")  # diverged: grey behind the cross
 
     cols = min(len(settings), 3)  # rows of three panels stay readable at normal size
     rows = math.ceil(len(settings) / cols)

@@ -320,7 +320,6 @@ def test_agc_benchmark_merges_partial_grids(tmp_path):
         bench.merge(paths)
 
 
-@pytest.mark.slow  # ~6 s on an idle core; imports, digits and a figure
 def test_agc_benchmark_quick_mode(tmp_path):
     bench = import_benchmark()
     out = tmp_path / "agc.json"
