@@ -233,17 +233,19 @@ def test_cli_draws_the_figure_and_writes_the_numbers(tmp_path, capsys):
     assert printed[-3:] == [str(out), str(tmp_path / "spp.csv"), str(tmp_path / "spp.json")]
 
 
-def test_cli_on_trained_weights_with_digits(tmp_path, capsys):
+def test_cli_on_a_runs_weights_and_its_own_data(tmp_path, capsys):
     model = tiny("nfnet_f0")
     set_skip_gains_(model, 0.5)
-    weights = tmp_path / "w.safetensors"
-    nfnets.save_weights(model, weights)
+    run = tmp_path / "run"
+    run.mkdir()
+    nfnets.save_weights(model, run / "model.safetensors")  # what nfnets train leaves behind
+    (run / "config.json").write_text(json.dumps({"data": "digits", "seed": 0, "test_size": 32}))
     out = tmp_path / "trained.png"
-    assert main(["spp", str(weights), "--data", "digits", "--image-size", "32",
-                 "--batch-size", "6", "-o", str(out)]) == 0
+    assert main(["spp", str(run), "--batch-size", "6", "-o", str(out)]) == 0
     record = json.loads((tmp_path / "trained.json").read_text())
+    # trained weights keep their skip gains; the batch comes from the run's data and size
     assert record["skip_gain"] == "keep" and record["batch_size"] == 6
-    assert "digits" in record["input"]
+    assert record["input"] == "6 images of digits held-out split" and record["image_size"] == 32
     assert len(record["tables"]) == 1 and len(record["tables"][0]["blocks"]) == 5
     png_size(out)
 
