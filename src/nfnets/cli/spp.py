@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema", action="store_true", help="use a run's EMA weights")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the initialisation and of the Gaussian batch")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N (default: cuda when available)")
 
 
 def _model_args(items: list[str]) -> dict[str, Any]:
