@@ -17,7 +17,6 @@ import torch
 
 from ..data import EvalTransform, ImageFolderDataset, digits_datasets, eval_collate
 from ..errors import DataError, UsageError
-from ..evaluate import load_inference_model
 from ..models import create_model
 from ..signal import (
     SignalTable,
@@ -29,6 +28,7 @@ from ..signal import (
     spp_mode,
     write_tables,
 )
+from ..weights import load_model
 from ._common import positive, resolve_device
 
 DEFAULT_INIT_SIZE = 128  # statistics at init barely depend on resolution; keeps F7 affordable
@@ -88,7 +88,7 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
     if Path(args.source).exists():
         if args.model_arg:
             raise UsageError("--model-arg applies to a model name, not to trained weights")
-        model, info = load_inference_model(args.source, ema=args.ema)
+        model, info = load_model(args.source, ema=args.ema)
         return model, {"model": info["model_name"], "source": info["source"], "trained": True,
                        "data": info["data"], "seed": info["seed"],
                        "image_size": info["test_size"]}
