@@ -224,6 +224,7 @@ def test_cli_draws_the_figure_and_writes_the_numbers(tmp_path, capsys):
     with open(tmp_path / "spp.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 5  # NF and BN, five blocks each
+    assert {float(r["skip_gain"]) for r in rows} == {1.0}  # set for NF, frozen for BN
     assert {r["model"] for r in rows} == {"NF (init)", "BN-ReLU-Conv (init)"}
     record = json.loads((tmp_path / "spp.json").read_text())
     assert record["model"] == "nf_resnet50" and record["skip_gain"] == "1"
@@ -245,6 +246,7 @@ def test_cli_on_a_runs_weights_and_its_own_data(tmp_path, capsys):
     record = json.loads((tmp_path / "trained.json").read_text())
     # trained weights keep their skip gains; the batch comes from the run's data and size
     assert record["skip_gain"] == "keep" and record["batch_size"] == 6
+    assert {b["skip_gain"] for b in record["tables"][0]["blocks"]} == {0.5}
     assert record["input"] == "6 images of digits held-out split" and record["image_size"] == 32
     assert len(record["tables"]) == 1 and len(record["tables"][0]["blocks"]) == 5
     png_size(out)

@@ -61,7 +61,7 @@ __all__ = [
 BranchSpec = str | nn.Module | Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 COLUMNS = ("index", "name", "stage", "transition", "avg_sq_mean", "avg_var", "res_avg_var",
-           "expected_var")
+           "expected_var", "skip_gain")
 
 
 def channel_stats(t: torch.Tensor, channel_dim: int = 1) -> tuple[float, float]:
@@ -86,7 +86,9 @@ class BlockSignal:
     ``transition`` is True when the block changes the shape of its input (a stride or a width
     change: the first block of a stage). ``res_avg_var`` is NaN when the branch is unknown.
     ``expected_var`` is the NF analytic variance of the block output (1 + α² after a
-    transition block, + α² per further block) for NF blocks, else NaN.
+    transition block, + α² per further block) for NF blocks, else NaN. ``skip_gain`` is the
+    block's SkipInit gain (NaN for other blocks): the branch enters the output as
+    α · skip_gain · branch, so a trained gain near 0 means the branch is switched off.
     """
 
     index: int
@@ -97,6 +99,7 @@ class BlockSignal:
     avg_var: float
     res_avg_var: float = math.nan
     expected_var: float = math.nan
+    skip_gain: float = math.nan
 
 
 @dataclass
@@ -317,9 +320,10 @@ def signal_propagation(model: nn.Module, x: torch.Tensor,
             base = 1.0 if (transition or math.isnan(expected)) else expected
             expected = base + alpha**2
         sq_mean, var = recorder.output[i]
+        gain = (float(block.skip_gain) if isinstance(block, NFResidualBlock) else math.nan)
         table.rows.append(BlockSignal(i, name, stage, transition, sq_mean, var,
                                       recorder.branch[i],
-                                      expected if alpha is not None else math.nan))
+                                      expected if alpha is not None else math.nan, gain))
     return table
 
 
