@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nfnets
+from nfnets.augment import DEFAULT_LABEL_SMOOTHING as LABEL_SMOOTHING  # the recipe's 0.1
 from nfnets.data import EvalTransform, ImageFolderDataset, digits_datasets, eval_collate, normalize
 from nfnets.models import NFResidualBlock
 from nfnets.optim import peak_lr, sgd_agc, warmup_cosine_lr
@@ -66,7 +67,6 @@ DEFAULT_BATCHES = (16, 64, 256)
 DEFAULT_BASE_LRS = (0.1, 0.4, 1.6, 6.4)
 MODEL = "nf_resnet50"
 MODEL_ARGS = {"width": 0.5, "depths": [1, 1, 1, 1], "stochdepth_rate": 0.0}
-LABEL_SMOOTHING = 0.1  # the recipe's (official.md §5.6)
 RESULTS = Path("benchmarks/results")
 
 
