@@ -30,6 +30,7 @@ from nfnets.signal import (
 # Tiny members of every family, small enough for 32 px inputs on one core.
 TINY = {
     "nf_resnet50": {"width": 0.25, "depths": [2, 1, 1, 1]},
+    "nf_resnet50+se": {"width": 0.25, "depths": [2, 1, 1, 1], "use_se": True},
     "nfnet_f0": {"widths": [32, 64, 64, 64], "depths": [1, 2, 1, 1], "group_width": 16},
     "nf_regnet_b0": {"depths": [1, 2, 1, 1], "width": 0.5},
 }
@@ -37,7 +38,7 @@ TINY = {
 
 def tiny(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = nfnets.create_model(name, num_classes=10, **TINY[name]).eval()
+    model = nfnets.create_model(name.split("+")[0], num_classes=10, **TINY[name]).eval()
     return set_skip_gains_(model, 1.0)
 
 
