@@ -37,6 +37,7 @@ COMMANDS = {
     "export": ("export", "export a fused model to ONNX"),
     "plot": ("plot", "draw the training curves of a run as PNG files"),
     "prepare": ("prepare", "write a dataset (folder, wds:, hf:) as WebDataset shards"),
+    "spp": ("spp", "signal propagation plots of a model (at init or trained), vs batch norm"),
 }
 
 
