@@ -315,7 +315,9 @@ def _plan_shard(param: torch.Tensor, clipping: float) -> _ShardPlan:
 
 def _shard_group(plans: list[_ShardPlan]) -> tuple[Any, tuple[int, ...]]:
     """(device mesh, mesh dims to reduce over): the same for every sharded parameter."""
-    layouts = {(id(p.param.device_mesh),
+    # DeviceMesh compares by its ranks and device type: meshes built by separate fully_shard
+    # calls over the same ranks are one layout.
+    layouts = {(p.param.device_mesh,
                 tuple(i for i, pl in enumerate(p.param.placements) if pl.is_shard()))
                for p in plans if p.kind != "full"}
     if len(layouts) > 1:

@@ -23,7 +23,7 @@ See ``docs/distributed.md`` for the launch recipes (torchrun, SLURM, Kubernetes)
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -33,7 +33,9 @@ from torch import nn
 __all__ = [
     "full_model_state",
     "full_optimizer_state",
+    "check_same_device_type",
     "gathered",
+    "gradient_sync",
     "is_sharded",
     "load_full_model_state",
     "load_full_optimizer_state",
@@ -74,8 +76,12 @@ def shard_model(model: nn.Module, precision: str = "fp32", mesh: Any = None,
     ``(replicate, shard)`` mesh gives HSDP. Returns ``model`` (its class now also an
     ``FSDPModule``).
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if mesh is None:  # one mesh (and so one process group) for every unit
+        device_type = next(model.parameters()).device.type
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     ignored = replicated_params(model)
     kwargs = {"mesh": mesh, "mp_policy": mixed_precision_policy(precision),
               "reshard_after_forward": reshard_after_forward, "ignored_params": ignored}
@@ -111,6 +117,48 @@ def sync_replicated_grads(model: nn.Module) -> None:
     flat /= dist.get_world_size()
     for p, g in zip(params, flat, strict=True):
         p.grad = g.to(p.dtype).reshape(p.shape)
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Reduce gradients across ranks in the backward passes inside, or (``enabled=False``)
+    only accumulate them locally: for the non-final micro-batches of gradient accumulation.
+
+    FSDP2 (``set_requires_gradient_sync``) then keeps unsharded gradients until the last
+    micro-batch reduce-scatters their sum; DDP uses ``no_sync``; a plain model ignores it.
+    """
+    if is_sharded(model):
+        model.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        return
+    no_sync = getattr(model, "no_sync", None)
+    with nullcontext() if enabled or no_sync is None else no_sync():
+        yield
+
+
+def check_same_device_type(device: torch.device) -> None:
+    """Raise ``UsageError`` on every rank unless all ranks train on the same kind of device.
+
+    FSDP2 and DDP run one collective backend for all ranks, so a job whose nodes mix GPUs
+    and CPUs cannot train. The check runs over a gloo group, which every rank can join.
+    """
+    from .errors import UsageError
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    group = dist.new_group(backend="gloo")
+    kinds: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(kinds, device.type, group=group)
+    dist.destroy_process_group(group)
+    if len(set(kinds)) > 1:
+        counts = {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+        raise UsageError(
+            f"the ranks train on different kinds of device ({counts}); give every node the "
+            "same hardware, or pass --device cpu (or cuda) so that all ranks agree"
+        )
 
 
 def _name_order(model: nn.Module) -> dict[int, int]:

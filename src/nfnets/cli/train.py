@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "compile": "torch.compile the training step",
         "grad_accum": "micro-batches per optimiser step (gradients averaged, clipped once)",
         "grad_checkpointing": "recompute blocks in backward to save memory (big variants)",
+        "fsdp": "shard parameters, gradients and optimizer state over the processes with "
+                "FSDP2 (one unit per block); AGC stays exact (see docs/distributed.md)",
         "num_workers": "DataLoader worker processes",
         "seed": "seed of the data order, augmentation and initialisation",
         "init_from": "fine-tune from weights (safetensors, official .npz, run dir); new head",
