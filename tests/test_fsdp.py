@@ -138,6 +138,46 @@ def _check_agc_sharded(rank: int, world: int) -> None:
         torch.testing.assert_close(got, q.grad, rtol=1e-6, atol=1e-7)
 
 
+
+
+def _check_device_mix(rank: int, world: int) -> None:
+    from nfnets.distributed import check_same_device_type
+    from nfnets.errors import UsageError
+
+    check_same_device_type(torch.device("cpu"))  # all agree: no error
+    # A node without the GPUs the others have: every rank refuses, none hangs.
+    with pytest.raises(UsageError, match="different kinds of device"):
+        check_same_device_type(torch.device("cpu" if rank == 0 else "meta"))
+
+
+def _check_rank_pair(rank: int, world: int) -> None:
+    _check_agc_sharded(rank, world)
+    _check_device_mix(rank, world)
+
+
 @pytest.mark.slow
 def test_agc_on_sharded_gradients_equals_agc_on_full_ones():
-    _spawn(_check_agc_sharded, 2)
+    # One pair of processes for both checks: starting ranks is most of the cost.
+    _spawn(_check_rank_pair, 2)
+
+
+def test_fsdp_on_one_process_says_what_to_do(capsys):
+    from nfnets.cli import main as run
+
+    assert run(["train", "--fsdp", "--out", "unused", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--fsdp shards the model over processes" in err and "--nproc N" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--compile"], "--fsdp with --compile is not supported"),
+    (["--precision", "fp16", "--device", "cuda"], "use --precision bf16"),
+    (["--device", "cuda:1"], "each process takes the GPU of its LOCAL_RANK"),
+])
+def test_fsdp_refuses_what_it_cannot_do(monkeypatch, capsys, flags, expected):
+    from nfnets.cli import main as run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; refused before any rank waits
+    assert run(["train", "--fsdp", "--out", "unused", "--no-progress", *flags]) == 2
+    assert expected in capsys.readouterr().err
