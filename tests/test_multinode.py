@@ -72,3 +72,17 @@ def test_two_torchrun_nodes_with_fsdp_equal_one_process(tmp_path):
     fractions = [r["clip_fraction"] for r in records]
     assert all(0 < f < 1 for f in fractions)
     assert fractions == pytest.approx([r["clip_fraction"] for r in reference], abs=1e-6)
+
+
+def test_resume_auto_starts_fresh_then_continues(tmp_path):
+    # What a job script re-run as is (or torchrun restarting a failed group) relies on.
+    out = tmp_path / "run"
+    base = ["train", "--out", str(out), "--resume", "auto", "--epochs", "1", "--no-progress",
+            "--train-size", "16", "--batch-size", "64", "--log-every", "1"]
+    assert run([*base, "--stop-at-step", "1"]) == 0  # nothing there: a fresh start
+    first = load_checkpoint(out / "checkpoints")
+    assert first["step"] == 1
+    assert run([*base, "--stop-at-step", "2"]) == 0  # a checkpoint there: continued
+    assert load_checkpoint(out / "checkpoints")["step"] == 2
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+    assert steps == [1, 2]  # the second run did not start over

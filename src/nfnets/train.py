@@ -155,7 +155,14 @@ def _recipe_augment(defaults: dict) -> str:
 
 
 def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Train as ``cfg`` says (or continue the run in ``resume``); return the summary."""
+    """Train as ``cfg`` says (or continue the run in ``resume``); return the summary.
+
+    ``resume="auto"`` continues the run in ``cfg.out`` when it has a checkpoint and starts it
+    afresh otherwise, so that a job script (or torchrun restarting a failed group) can be
+    re-run unchanged.
+    """
+    if resume == "auto":
+        resume = cfg.out if list_checkpoints(Path(cfg.out) / "checkpoints") else None
     if resume is not None:
         cfg = _load_run_config(resume, cfg)
     cfg = cfg.resolved()

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``nfnets train``: one per TrainConfig field (defaults: the paper's recipe)."""
     parser.add_argument("--config", help="JSON file of TrainConfig fields read first")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its newest checkpoint")
+                        help="continue the run in RUN_DIR from its newest checkpoint; 'auto': "
+                        "continue the run in --out if it has a checkpoint, else start it")
     parser.add_argument("--nproc", type=int, default=1,
                         help="start N DDP processes on this machine (as torchrun would)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",

@@ -1,0 +1,126 @@
+"""How many training images fit on one GPU: measured activation memory plus parameter arithmetic.
+
+A training step's memory on one GPU is
+
+    persistent state + fixed step memory + batch × per-sample memory + reserve
+
+- **per-sample memory**: what one image adds to the step's peak (saved activations and
+  transients), measured for each NFNet variant at its train resolution by
+  ``benchmarks/bench_memory.py`` (:data:`MEASURED`; method and raw figures in
+  ``benchmarks/results/memory.json``);
+- **fixed step memory**: what the step allocates whatever the batch (mostly the
+  weight-standardised copies of the conv weights autograd keeps for the backward pass,
+  4 bytes per parameter in fp32, and autocast's bf16 copies), measured with it;
+- **persistent state**: 16 bytes per parameter (fp32 weights, gradients, momentum, EMA) plus
+  DDP's gradient buckets (4 bytes per parameter); with FSDP over N GPUs the 16 bytes are
+  divided by N and the unsharded working set is added instead: the root unit and two blocks
+  (the one computing and the one prefetched) in the compute dtype, with their gradients;
+- **reserve**: :data:`RESERVE_BYTES` for the CUDA context, cuDNN workspaces and allocator
+  fragmentation.
+
+The measured figures are CPU allocator peaks; the step's tensors are the same on a GPU, its
+workspaces are not, which is what the reserve is for. Confirm on the target GPU with
+``python benchmarks/bench_memory.py --device cuda`` before a long run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+
+__all__ = ["MEASURED", "RESERVE_BYTES", "SOURCE", "fit_batch", "parse_memory", "plan"]
+
+GIB = 2**30
+RESERVE_BYTES = 2 * GIB  # CUDA context (~0.5 GiB), cuDNN workspaces, fragmentation
+PERSISTENT_BYTES_PER_PARAM = 16  # fp32 weight + gradient + momentum + EMA
+DDP_BUCKET_BYTES_PER_PARAM = 4  # DDP reduces gradients through a flat fp32 copy
+SOURCE = ("per-sample and fixed step memory: benchmarks/results/memory.json (python "
+          "benchmarks/bench_memory.py: CPU allocator peak at 64 px, scaled to the train size)")
+
+# name: (per-sample bytes by mode, fixed step bytes by mode), from
+# benchmarks/results/memory.json (variants.*.per_sample_bytes / step_fixed_bytes);
+# tests/test_memory.py checks that the two agree.
+MEASURED: dict[str, dict[str, dict[str, int]]] = {}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes in ``'80GB'``, ``'80 GiB'``, ``'141G'`` or ``'40000MB'``.
+
+    GB and GiB both mean 2**30 bytes here, as GPU makers' "80 GB" cards hold 80 GiB.
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 80GB or 40000MB")
+    value, unit = float(match.group(1)), match.group(2).upper()
+    return int(value * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])
+
+
+def _mode(precision: str, checkpointing: bool) -> str:
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"measured precisions are fp32 and bf16, not {precision!r} (fp16 "
+                         "takes the same memory as bf16)")
+    return precision + ("_checkpointing" if checkpointing else "")
+
+
+def _unit_params(name: str) -> tuple[int, int, int]:
+    """(all parameters, the largest block's, the root unit's) of ``name``, without memory."""
+    from .models import create_model
+
+    with torch.device("meta"):
+        model = create_model(name)
+    total = sum(p.numel() for p in model.parameters())
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
+    return total, max(blocks), total - sum(blocks)
+
+
+def fit_batch(memory: int, per_sample: float, fixed: float) -> int:
+    """The largest batch with ``fixed + batch × per_sample <= memory`` (0 if none)."""
+    if per_sample <= 0:
+        raise ValueError("per-sample memory must be positive")
+    return max(0, math.floor((memory - fixed) / per_sample))
+
+
+def plan(name: str, memory: int, precision: str = "bf16", gpus: int = 8,
+         global_batch: int = 4096) -> dict[str, Any]:
+    """Largest per-GPU batch of ``name`` in ``memory`` bytes, for DDP and FSDP over ``gpus``,
+    with and without gradient checkpointing, and the ``--grad-accum`` that reaches
+    ``global_batch``. Raises KeyError for a model without measured figures."""
+    from .models import _canonical
+
+    key = _canonical(name)
+    if key not in MEASURED:
+        raise KeyError(f"no measured memory figures for {name!r}; measured: "
+                       f"{', '.join(MEASURED)}")
+    params, largest_block, root = _unit_params(key)
+    compute_bytes = 2 if precision == "bf16" else 4
+    ddp_state = params * (PERSISTENT_BYTES_PER_PARAM + DDP_BUCKET_BYTES_PER_PARAM)
+    fsdp_state = (params * PERSISTENT_BYTES_PER_PARAM / gpus
+                  + (2 * largest_block + root) * (compute_bytes + 4))
+    rows = {}
+    for checkpointing in (False, True):
+        mode = _mode(precision, checkpointing)
+        per_sample = MEASURED[key]["per_sample_bytes"][mode]
+        step_fixed = MEASURED[key]["step_fixed_bytes"][mode]
+        for strategy, state in (("ddp", ddp_state), ("fsdp", fsdp_state)):
+            batch = fit_batch(memory - RESERVE_BYTES, per_sample, state + step_fixed)
+            rows[f"{strategy}{'_checkpointing' if checkpointing else ''}"] = {
+                "per_gpu_batch": batch, "grad_accum": grad_accum(global_batch, gpus, batch),
+                "state_bytes": round(state), "step_fixed_bytes": step_fixed,
+                "per_sample_bytes": per_sample}
+    return {"model": key, "memory_bytes": memory, "precision": precision, "gpus": gpus,
+            "global_batch": global_batch, "plans": rows, "source": SOURCE}
+
+
+def grad_accum(global_batch: int, gpus: int, max_batch: int) -> int | None:
+    """Fewest accumulation steps with a per-GPU micro-batch <= ``max_batch`` that divides
+    ``global_batch`` evenly over ``gpus`` (None if even a micro-batch of 1 does not fit)."""
+    if max_batch < 1 or global_batch % gpus:
+        return None
+    per_gpu = global_batch // gpus
+    for steps in range(1, per_gpu + 1):
+        if per_gpu % steps == 0 and per_gpu // steps <= max_batch:
+            return steps
+    return None
