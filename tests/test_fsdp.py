@@ -150,9 +150,32 @@ def _check_device_mix(rank: int, world: int) -> None:
         check_same_device_type(torch.device("cpu" if rank == 0 else "meta"))
 
 
+def _check_discarded_accumulation(rank: int, world: int) -> None:
+    # A step abandoned mid-accumulation must not leak its unreduced gradients into the next.
+    from nfnets.distributed import discard_unreduced_grads, gradient_sync, shard_model
+
+    torch.manual_seed(0)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3))
+        models.append(shard_model(model))
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(rank))
+    abandoned, clean = models
+    with gradient_sync(abandoned, False):
+        (abandoned(x * 7).square().sum()).backward()
+    discard_unreduced_grads(abandoned)
+    for model in (abandoned, clean):
+        with gradient_sync(model, True):
+            model(x).sum().backward()
+    for p, q in zip(abandoned.parameters(), clean.parameters(), strict=True):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad.full_tensor())
+
+
 def _check_rank_pair(rank: int, world: int) -> None:
     _check_agc_sharded(rank, world)
     _check_device_mix(rank, world)
+    _check_discarded_accumulation(rank, world)
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ __all__ = [
     "full_model_state",
     "full_optimizer_state",
     "check_same_device_type",
+    "discard_unreduced_grads",
     "gathered",
     "gradient_sync",
     "is_sharded",
@@ -137,6 +138,25 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     no_sync = getattr(model, "no_sync", None)
     with nullcontext() if enabled or no_sync is None else no_sync():
         yield
+
+
+def discard_unreduced_grads(model: nn.Module) -> None:
+    """Drop the gradients FSDP2 accumulated unsharded under ``gradient_sync(model, False)``.
+
+    For a step abandoned mid-accumulation (a non-finite loss): ``zero_grad`` only clears the
+    sharded gradients, and the next reduce-scatter would add these to the next step's. FSDP2
+    has no public call for this, so its per-parameter state is reached through the private
+    ``_get_fsdp_state()``; where that is missing, nothing is dropped.
+    """
+    for module in model.modules():
+        if not is_sharded(module):
+            continue
+        group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+        for fsdp_param in getattr(group, "fsdp_params", ()):
+            fsdp_param.unsharded_accumulated_grad = None
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None:
+                unsharded.grad = None
 
 
 def check_same_device_type(device: torch.device) -> None:

@@ -43,6 +43,7 @@ from .data import (
 )
 from .distributed import (
     check_same_device_type,
+    discard_unreduced_grads,
     full_model_state,
     full_optimizer_state,
     gathered,
@@ -321,6 +322,8 @@ def _train_step(model: nn.Module, optimizer, batches, cfg: TrainConfig,
             if finite.item() < 1:
                 for _ in range(micro + 1, cfg.grad_accum):
                     skipped += next(batches)[2]
+                if cfg.fsdp:
+                    discard_unreduced_grads(model)
                 optimizer.zero_grad(set_to_none=True)
                 return float("nan"), False, skipped
             scaled = loss / cfg.grad_accum
