@@ -18,7 +18,15 @@ run once untimed first, as oneDNN caches a primitive and its scratchpad per inpu
 Resolution: every feature map of an NFNet scales with H·W (train sizes are multiples of 32,
 so SAME-padded stride-2 layers halve exactly), so the per-sample figure measured at ``--size``
 px is multiplied by (train_size / size)². ``checks`` compares this with a direct measurement
-of F0 at its 192 px train size. Models are full depth and width (F7: 1.5 GB of weights).
+of F0 at its 192 px train size.
+
+Depth: F0–F7 share stage widths and differ only in depths, and every block of a stage after
+its first has the same shapes, so what autograd saves is linear in the per-stage depths, and
+with gradients preallocated the step peaks where all of it is alive. Five models are measured:
+F0 (depths 1, 2, 6, 3) and F0 with one more block in each stage in turn; any variant is
+F0 + Σ (depth_s − F0's depth_s) · increment_s. (F1–F7 themselves hold 0.13–0.5 G parameters,
+more than a small machine can train even at batch 1.) The '+' variants have wider stages and
+are not measured.
 
 With ``--device cuda`` the same steps are measured with ``torch.cuda.max_memory_allocated``.
 
@@ -48,8 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="measurement resolution, a multiple of 32 (default 32)")
     parser.add_argument("--batches", type=int, nargs=2, default=(2, 8),
                         help="the two batch sizes of the slope (default 2 8)")
-    parser.add_argument("--families", default="base",
-                        help="'base' (F0–F7, default), 'plus' (F0+–F7+) or 'base,plus'")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--no-checks", action="store_true",
                         help="skip the direct F0 measurements that check both scalings")
@@ -144,13 +150,24 @@ def run_child(job: dict) -> dict:
 # The parent: one subprocess per variant, the resolution scaling, the check.
 
 
-def variant_names(families: str) -> list[str]:
-    """nfnet_f0 … nfnet_f7 and/or nfnet_f0_plus … nfnet_f7_plus."""
-    names = []
-    for family in families.split(","):
-        suffix = {"base": "", "plus": "_plus"}[family]
-        names += [f"nfnet_f{i}{suffix}" for i in range(8)]
-    return names
+F0_DEPTHS = (1, 2, 6, 3)
+
+
+def depth_configs() -> list[tuple[int, ...]]:
+    """F0's depths, then one more block in each stage in turn."""
+    configs = [F0_DEPTHS]
+    for stage in range(4):
+        depths = list(F0_DEPTHS)
+        depths[stage] += 1
+        configs.append(tuple(depths))
+    return configs
+
+
+def fit(measured: dict[tuple[int, ...], float], depths: tuple[int, ...]) -> float:
+    """The value at ``depths``, linear in each stage's depth (see the module docstring)."""
+    base = measured[F0_DEPTHS]
+    return base + sum((depths[stage] - F0_DEPTHS[stage]) * (measured[config] - base)
+                      for stage, config in enumerate(depth_configs()[1:]))
 
 
 def main(argv=None) -> int:
@@ -161,40 +178,52 @@ def main(argv=None) -> int:
     import torch
 
     from nfnets.models import model_defaults
+    from nfnets.models.variants import NFNET_VARIANTS
 
     if args.size % 32:
         raise SystemExit("--size must be a multiple of 32 (exact scaling of every map)")
     start = time.time()
+    runs = {}
+    for depths in depth_configs():
+        runs[depths] = run_child({"model": "nfnet_f0", "model_args": {"depths": depths},
+                                  "size": args.size, "batches": list(args.batches),
+                                  "device": args.device})
+        print(f"measured nfnet_f0 with depths {depths}", file=sys.stderr, flush=True)
+    modes = list(runs[F0_DEPTHS]["modes"])
     variants: dict[str, dict] = {}
-    for name in variant_names(args.families):
+    for key, row in NFNET_VARIANTS.items():
+        if key.endswith("+"):
+            continue
+        name = f"nfnet_{key.lower()}"
         train_size = model_defaults(name)["train_size"]
-        measured = run_child({"model": name, "size": args.size, "batches": list(args.batches),
-                              "device": args.device})
         scale = (train_size / args.size) ** 2
         variants[name] = {
-            "params": measured["params"], "train_size": train_size,
-            "per_sample_bytes": {m: round(r["per_sample"] * scale)
-                                 for m, r in measured["modes"].items()},
-            # The step's memory that does not grow with the batch, at --size: gradients are
-            # already allocated, so mostly standardised-weight and autocast copies.
-            "step_fixed_bytes": {m: round(r["fixed"]) for m, r in measured["modes"].items()},
-            "raw": measured,
+            "depths": list(row.depths), "train_size": train_size,
+            "per_sample_bytes": {m: round(scale * fit(
+                {d: r["modes"][m]["per_sample"] for d, r in runs.items()}, row.depths))
+                for m in modes},
+            # What the step adds whatever the batch, at --size: gradients are preallocated,
+            # so mostly the standardised-weight copies autograd keeps and autocast's copies.
+            "step_fixed_bytes": {m: round(fit(
+                {d: r["modes"][m]["fixed"] for d, r in runs.items()}, row.depths))
+                for m in modes},
         }
-        print(f"measured {name}", file=sys.stderr, flush=True)
 
     checks = {}
-    if not args.no_checks and "nfnet_f0" in variants:
+    if not args.no_checks:
         direct = run_child({"model": "nfnet_f0", "size": 192, "batches": [1, 3],
                             "device": args.device})
         checks = {f"nfnet_f0_scaled_over_direct_at_192px_{m}":
                   variants["nfnet_f0"]["per_sample_bytes"][m] / r["per_sample"]
                   for m, r in direct["modes"].items()}
+    raw = {str(list(d)): r for d, r in runs.items()}
 
     result = {
         "command": "python benchmarks/bench_memory.py" + (
             " " + " ".join(argv) if argv else " " + " ".join(sys.argv[1:])).rstrip(),
         "method": ("per-sample slope of the step's peak over two batch sizes at "
-                   f"{args.size} px, scaled by (train_size/{args.size})^2; full models, "
+                   f"{args.size} px, scaled by (train_size/{args.size})^2; linear in the "
+                   "per-stage depths from F0 and F0 with one more block per stage; "
                    "gradients preallocated; peak by "
                    + ("torch.cuda.max_memory_allocated" if args.device == "cuda" else
                       "VmHWM reset via /proc/self/clear_refs, glibc mmap threshold 64 KiB")),
@@ -206,6 +235,7 @@ def main(argv=None) -> int:
         "seconds": round(time.time() - start, 1),
         "variants": variants,
         "checks": checks,
+        "raw": raw,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

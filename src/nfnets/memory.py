@@ -38,7 +38,8 @@ RESERVE_BYTES = 2 * GIB  # CUDA context (~0.5 GiB), cuDNN workspaces, fragmentat
 PERSISTENT_BYTES_PER_PARAM = 16  # fp32 weight + gradient + momentum + EMA
 DDP_BUCKET_BYTES_PER_PARAM = 4  # DDP reduces gradients through a flat fp32 copy
 SOURCE = ("per-sample and fixed step memory: benchmarks/results/memory.json (python "
-          "benchmarks/bench_memory.py: CPU allocator peak at 32 px, scaled to the train size)")
+          "benchmarks/bench_memory.py: CPU allocator peak at 32 px, scaled to the train size; "
+          "F1-F7 linear in depth from F0 and F0 with one more block per stage)")
 
 # name: (per-sample bytes by mode, fixed step bytes by mode), from
 # benchmarks/results/memory.json (variants.*.per_sample_bytes / step_fixed_bytes);
