@@ -50,6 +50,7 @@ from torch import nn
 
 import nfnets
 from nfnets.optim import peak_lr, sgd_agc
+from nfnets.winograd import use_winograd
 
 try:
     import timm
@@ -236,7 +237,7 @@ def eval_forward(model: nn.Module, batch: int, size: int, device: torch.device,
     x, _ = inputs(batch, size, device, channels_last)
 
     def run() -> None:
-        with torch.no_grad(), autocast(device, amp), nfnets.use_winograd(winograd):
+        with torch.no_grad(), autocast(device, amp), use_winograd(winograd):
             model(x)
 
     return run
@@ -331,7 +332,7 @@ EVAL_SIDES = ("ours", "ours_fused", "timm")  # ours = eval mode with its cached 
 class Spec:
     """A case spec ``side:dtype[:cl][:compile][:winograd]``, e.g. ``ours:bf16:cl``.
 
-    ``winograd`` runs eval/latency under ``nfnets.use_winograd()`` (CPU inference only).
+    ``winograd`` runs eval/latency under ``nfnets.winograd.use_winograd()`` (CPU inference only).
     """
 
     side: str

@@ -6,7 +6,7 @@ Two sections, each timed in one process with interleaved repetitions after warm-
 
 - ``convs``: every distinct stride-1 3×3 conv of F0 at ``--size`` and ``--batch`` (input
   shape, groups, how often F0 runs it), called as the model calls it (standardised weights,
-  GELU after it) with ``nfnets.use_winograd()`` off and on; plus the output's relative error
+  GELU after it) with ``winograd.use_winograd()`` off and on; plus the output's relative error
   (max |error| / max |output|) of each path against the same conv in float64. Shapes the
   Winograd path does not take (``nfnets.winograd.applies``) are listed with their direct time.
 - ``model``: the whole no-grad F0 forward, exact path against Winograd path, and the logits'
@@ -76,7 +76,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def call(module: nn.Module, x: torch.Tensor, use: bool):
     def run() -> torch.Tensor:
-        with torch.no_grad(), nfnets.use_winograd(use):
+        with torch.no_grad(), winograd.use_winograd(use):
             return module(x)
     return run
 
@@ -106,7 +106,7 @@ def conv_section(model: nn.Module, x: torch.Tensor, args: argparse.Namespace) ->
     rows = []
     for module, inp, count in conv_inputs(model, x):
         inp = inp.contiguous(memory_format=torch.channels_last)  # as the oneDNN path runs
-        with nfnets.use_winograd():
+        with winograd.use_winograd():
             takes = winograd.applies(inp, module.weight.shape, module.stride, module.groups)
         cases = {"direct": call(module, inp, False)}
         if takes:

@@ -1,4 +1,7 @@
-"""Writing files exactly like DeepMind's released checkpoints (checkpoint-format.md §2–§6).
+"""Writing files exactly like DeepMind's released checkpoints (docs/weights.md).
+
+A protocol-3 pickle of Haiku ``FlatMapping`` containers of float32 arrays, as
+``deepmind-research nfnets/utils.py: load_haiku_file`` reads them with dill.
 
 Shared by the tests of the weights reader, evaluation and the CLI. The inverse of the
 official → ours mapping is written here independently of nfnets.weights.

@@ -1,5 +1,6 @@
 """The small subcommands and the command's error handling."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,7 +10,11 @@ import torch
 from official_format import to_official, write_official
 
 import nfnets
+import nfnets.cli.list_models
+from nfnets.augment import AugmentConfig
 from nfnets.cli import main
+from nfnets.data import EvalTransform
+from nfnets.errors import CheckpointError, DataError, RunFailed, UsageError
 
 
 def test_list_prints_every_model(capsys):
@@ -102,6 +107,112 @@ def test_export_a_weights_file_to_onnx(tmp_path, capsys):
     out = tmp_path / "tiny.onnx"
     assert main(["export", str(weights), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "at 40 px" in printed and out.stat().st_size > 10_000
+    assert "at 40 px" in printed
+    # the file is the model at 40 px: onnxruntime gives the logits of the weights file
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (graph_input,) = session.get_inputs()
+    assert graph_input.shape[1:] == [3, 40, 40]
+    x = torch.randn(1, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    (logits,) = session.run(None, {graph_input.name: x.numpy()})
+    with torch.no_grad():
+        expected = nfnets.load_weights(weights).eval()(x)
+    assert logits.shape == (1, 4)
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5)
     assert main(["export", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, status", [
+    (UsageError("bad flag"), 2),
+    (DataError("bad data"), 2),
+    (CheckpointError("bad file"), 2),
+    (FileNotFoundError("no such file or run directory: x"), 2),
+    (RunFailed("the loss diverged"), 1),
+])
+def test_our_errors_are_one_line_with_their_exit_status(monkeypatch, capsys, error, status):
+    monkeypatch.delenv("NFNETS_DEBUG", raising=False)
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(nfnets.cli.list_models, "run", fail)
+    assert main(["list"]) == status
+    err = capsys.readouterr().err
+    assert err == (f"nfnets list: error: {error}\n" if status == 2 else f"nfnets list: {error}\n")
+    monkeypatch.setenv("NFNETS_DEBUG", "1")  # the traceback on demand
+    with pytest.raises(type(error)):
+        main(["list"])
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug"), KeyError("a bug"), OSError("a bug")])
+def test_any_other_exception_keeps_its_traceback(monkeypatch, error):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(nfnets.cli.list_models, "run", fail)
+    with pytest.raises(type(error)):  # the interpreter prints it and exits with status 1
+        main(["list"])
+
+
+def test_a_bug_exits_1_with_a_traceback_from_the_console(tmp_path):
+    # a plain ValueError from inside a subcommand is a bug, not a usage error
+    script = ("import sys, nfnets.cli, nfnets.cli.list_models as m\n"
+              "def run(args): raise ValueError('a bug')\n"
+              "m.run = run\nsys.exit(nfnets.cli.main(['list']))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ValueError: a bug" in result.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "nfnet_f9"], "unknown model 'nfnet_f9'"),
+    (["export", "nfnet_f9", "-o", "x.onnx"], "unknown model 'nfnet_f9'"),
+])
+def test_user_mistakes_that_were_bare_value_errors_are_usage_errors(capsys, argv, message):
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_library_user_mistakes_raise_our_types():
+    with pytest.raises(UsageError, match="unknown model"):
+        nfnets.create_model("nfnet_f9")
+    with pytest.raises(UsageError, match="invalid option for nfnet_f0: .*colour"):
+        nfnets.create_model("nfnet_f0", colour=3)
+    with pytest.raises(UsageError, match="unknown eval mode"):
+        EvalTransform(32, "centre")
+    with pytest.raises(UsageError, match="bad eval mode"):
+        EvalTransform(32, "resize_crop_x")
+    with pytest.raises(UsageError, match="unknown word 'cutmx'"):  # nfnets train --augment
+        AugmentConfig.from_name("cutmx_mixup")
+
+
+PUBLIC = {
+    "AGC", "EMA", "adaptive_clip_grad_", "convert_official", "count_flops", "count_params",
+    "create_model", "export_onnx", "list_models", "load_model", "load_pretrained",
+    "load_weights", "optimize_for_inference", "param_groups", "save_weights", "sgd_agc",
+    "warmup_cosine_lr",
+}
+
+
+def test_the_public_api_is_small():
+    assert set(nfnets.__all__) == PUBLIC
+    has_inference = importlib.util.find_spec("nfnets.inference") is not None
+    for name in PUBLIC - ({"optimize_for_inference"} if not has_inference else set()):
+        assert callable(getattr(nfnets, name)), name
+    for internal in ("ClipStats", "signal_metrics", "optimizer_step", "peak_lr",
+                     "warmup_cosine", "model_defaults", "set_winograd", "use_winograd"):
+        assert not hasattr(nfnets, internal), internal
+
+
+def test_train_input_mistakes_are_usage_errors(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text("{not json")
+    argv = ["train", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main([*argv, "--config", str(config)]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert main([*argv, "--config", str(tmp_path)]) == 2  # a folder, not a file
+    assert "--config: no such file" in capsys.readouterr().err

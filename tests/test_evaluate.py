@@ -1,4 +1,4 @@
-"""Evaluation, prediction and the loaders behind ``nfnets eval`` / ``nfnets predict``.
+"""Evaluation, prediction and ``nfnets.weights.load_model`` as ``nfnets eval``/``predict`` use it.
 
 Models are tiny NFNets whose classifier weight is zeroed, so the logits equal the classifier
 bias for every image: the expected accuracy, loss and probabilities follow by hand.
@@ -33,8 +33,8 @@ from nfnets.data import (
     eval_loader,
     normalize,
 )
-from nfnets.evaluate import evaluate, load_inference_model, predict, preprocess_image
-from nfnets.weights import CheckpointError, save_weights
+from nfnets.evaluate import evaluate, predict, preprocess_image
+from nfnets.weights import CheckpointError, load_model, save_weights
 
 TINY = {"widths": (32, 64, 96, 96), "depths": (1, 1, 1, 1), "group_width": 16}
 SIZE = 32  # test resolution of the tiny models (the stem and stages reduce it to 1 x 1)
@@ -142,7 +142,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, weights: str, tree: str, 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        model, _ = load_inference_model(weights)
+        model, _ = load_model(weights)
         dataset = ImageFolderDataset(tree, "val", EvalTransform(SIZE))
         # rank 0 gets 4 images in 2 batches, rank 1 gets 3 in 2 batches (uneven on purpose)
         loader = eval_loader(dataset, batch_size=2, rank=rank, world_size=world)
@@ -170,28 +170,26 @@ def test_evaluate_all_reduces_across_ranks(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# load_inference_model
+# load_model
 
 
 def test_load_safetensors(tmp_path):
     path = save(tiny_model(bias=favour(2)), tmp_path / "m.safetensors", test_size=48)
-    model, info = load_inference_model(path)
+    model, info = load_model(path)
     assert not model.training and model.model_name == "nfnet_f0"
     assert torch.equal(model.fc.bias, torch.tensor(favour(2)))
     assert info == {"classes": ["a", "b", "c"], "test_size": 48, "source": str(path),
                     "model_name": "nfnet_f0", "ema": False, "data": None, "seed": 0}
-    load_inference_model(path, model_name="F0", num_classes=3)  # official spelling agrees
-    with pytest.raises(CheckpointError, match="predicts 3 classes, not 10"):
-        load_inference_model(path, num_classes=10)
+    assert load_model(path, model_name="F0")[0].model_name == "nfnet_f0"  # official spelling
     with pytest.raises(CheckpointError, match="holds nfnet_f0 weights, not nfnet_f1"):
-        load_inference_model(path, model_name="nfnet_f1")
+        load_model(path, model_name="nfnet_f1")
     with pytest.raises(CheckpointError, match="single set of weights"):
-        load_inference_model(path, ema=True)
+        load_model(path, ema=True)
 
 
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
-        load_inference_model(tmp_path / "nowhere.safetensors")
+        load_model(tmp_path / "nowhere.safetensors")
 
 
 def write_run(run: Path, *, ema: bool = True, data: str = "imagenet", seed: int = 0) -> Path:
@@ -208,8 +206,8 @@ def write_run(run: Path, *, ema: bool = True, data: str = "imagenet", seed: int 
 
 def test_load_run_directory(tmp_path):
     run = write_run(tmp_path / "run", data="digits", seed=7)
-    raw, info = load_inference_model(run)
-    averaged, ema_info = load_inference_model(run, ema=True)
+    raw, info = load_model(run)
+    averaged, ema_info = load_model(run, ema=True)
     assert raw.fc.bias.argmax() == 0 and averaged.fc.bias.argmax() == 1
     assert info["source"] == str(run / "model.safetensors")
     assert ema_info["source"] == str(run / "model_ema.safetensors") and ema_info["ema"]
@@ -219,10 +217,10 @@ def test_load_run_directory(tmp_path):
 def test_run_without_ema_weights(tmp_path):
     run = write_run(tmp_path / "run", ema=False)
     with pytest.raises(CheckpointError, match="no model_ema.safetensors; drop --ema"):
-        load_inference_model(run, ema=True)
+        load_model(run, ema=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no weights"):
-        load_inference_model(tmp_path / "empty")
+        load_model(tmp_path / "empty")
 
 
 def write_checkpoint(path: Path, step: int, raw_class: int, ema_class: int | None) -> Path:
@@ -245,8 +243,8 @@ def test_run_in_progress_uses_its_newest_checkpoint(tmp_path):
     (run / "config.json").write_text(json.dumps({"classes": ["x", "y", "z"]}))
     write_checkpoint(run / "checkpoints" / "step_00000002.pt", 2, raw_class=0, ema_class=0)
     newest = write_checkpoint(run / "checkpoints" / "step_00000010.pt", 10, 2, 1)
-    raw, info = load_inference_model(run)
-    averaged, _ = load_inference_model(run, ema=True)
+    raw, info = load_model(run)
+    averaged, _ = load_model(run, ema=True)
     assert raw.fc.bias.argmax() == 2 and averaged.fc.bias.argmax() == 1
     assert info["source"] == str(newest) and not raw.training
     # class names from the run's config.json, the rest from the checkpoint's config
@@ -256,10 +254,10 @@ def test_run_in_progress_uses_its_newest_checkpoint(tmp_path):
 
 def test_training_checkpoint_file(tmp_path):
     path = write_checkpoint(tmp_path / "step_00000005.pt", 5, raw_class=1, ema_class=None)
-    model, info = load_inference_model(path)
+    model, info = load_model(path)
     assert model.fc.bias.argmax() == 1 and info["classes"] is None
     with pytest.raises(CheckpointError, match="holds no EMA weights; drop --ema"):
-        load_inference_model(path, ema=True)
+        load_model(path, ema=True)
 
 
 def test_official_checkpoint(tmp_path):
@@ -270,26 +268,26 @@ def test_official_checkpoint(tmp_path):
     tree = to_official(state, "nf_regnet")
     path = tmp_path / "B0_haiku.npz"
     path.write_bytes(pickle.dumps(tree, protocol=3))  # plain dicts: allowed by the format
-    model, info = load_inference_model(path)
+    model, info = load_model(path)
     assert model.model_name == "nf_regnet_b0" and not model.training
     assert torch.equal(model.fc.weight, torch.from_numpy(tree["NF_RegNet/~/linear"]["w"].T))
     conv = tree["NF_RegNet/~/nf_block_3/~/conv1"]["w"]
     assert torch.equal(model.blocks[3].conv1.weight, torch.from_numpy(conv).permute(3, 2, 0, 1))
     assert len(info["classes"]) == 1000 and info["classes"][:2] == ["tench", "goldfish"]
-    assert info["test_size"] == nfnets.model_defaults("nf_regnet_b0")["test_size"] == 224
+    assert info["test_size"] == nfnets.models.model_defaults("nf_regnet_b0")["test_size"] == 224
     with pytest.raises(CheckpointError, match="single set of weights; drop --ema"):
-        load_inference_model(path, ema=True)
-    with pytest.raises(CheckpointError, match="holds nf_regnet_b0 weights, not B1"):
-        load_inference_model(path, model_name="B1")
+        load_model(path, ema=True)
+    with pytest.raises(CheckpointError, match="holds nf_regnet_b0 weights, not nf_regnet_b1"):
+        load_model(path, model_name="B1")
 
 
 def test_converted_official_weights_get_imagenet_names(tmp_path):
     path = tmp_path / "f0.safetensors"
     save_weights(tiny_model(1000), path, extra_metadata={"source_file": "F0_haiku.npz"})
-    _, info = load_inference_model(path)
+    _, info = load_model(path)
     assert info["classes"][0] == "tench" and info["test_size"] == 256  # F0's test size
     save_weights(tiny_model(1000), path)
-    assert load_inference_model(path)[1]["classes"] is None
+    assert load_model(path)[1]["classes"] is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,13 +303,55 @@ def test_preprocess_matches_the_demo_geometry(tmp_path):
     assert torch.equal(preprocess_image(tmp_path / "x.png", 32), expected[0])
     whole = normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None].float())
     assert torch.equal(preprocess_image(tmp_path / "x.png", 64, crop=False), whole[0])
-    # a flat colour stays flat: (value - mean) / std on the 0-255 scale (official.md §6.4)
+    # a flat colour stays flat: (value - mean) / std on the 0-255 scale
+    # (deepmind-research nfnets/dataset.py: MEAN_RGB, STDDEV_RGB)
     Image.new("RGB", (50, 30), (255, 0, 128)).save(tmp_path / "flat.png")
     flat = preprocess_image(tmp_path / "flat.png", 16)
     assert flat.shape == (3, 16, 16)
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
     for c, value in enumerate((255, 0, 128)):
         assert torch.allclose(flat[c], torch.tensor((value - mean[c]) / std[c]), atol=1e-5)
+
+
+def odd_sized_tree(root: Path) -> Path:
+    """root/val/{a,b,c}/0.png, non-square and of several sizes, so the resize and crop act."""
+    for c, (name, (h, w)) in enumerate({"a": (50, 37), "b": (23, 61), "c": (80, 80)}.items()):
+        (root / "val" / name).mkdir(parents=True)
+        pixels = np.random.default_rng(c).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "val" / name / "0.png")
+    return root
+
+
+def test_preprocess_image_is_the_eval_datasets_image(tmp_path):
+    dataset = ImageFolderDataset(odd_sized_tree(tmp_path), "val", EvalTransform(SIZE))
+    for i in range(len(dataset)):
+        expected = normalize(dataset[i].image[None])[0]
+        assert torch.equal(preprocess_image(dataset.path(i), SIZE), expected), dataset.path(i)
+
+
+def test_cli_eval_and_predict_give_the_same_logits(tmp_path, capsys):
+    tree = odd_sized_tree(tmp_path / "data")
+    torch.manual_seed(3)
+    weights = save(tiny_model(), tmp_path / "m.safetensors")  # random: logits depend on pixels
+    status, out, err = cli(capsys, "eval", weights, "--data", tree, "--json")
+    assert status == 0, err
+    evaluated = json.loads(out)
+    images = sorted((tree / "val").glob("*/0.png"))
+    status, out, err = cli(capsys, "predict", *images, "--weights", weights, "--top-k", "3",
+                           "--json")
+    assert status == 0, err
+    predicted = json.loads(out)
+    # eval's loss is the mean of -log p(label); predict prints p for every class
+    labels = {"a": 0, "b": 1, "c": 2}
+    nll = [-math.log(next(p["probability"] for p in entry["predictions"]
+                          if p["index"] == labels[Path(entry["image"]).parent.name]))
+           for entry in predicted]
+    assert evaluated["loss"] == pytest.approx(sum(nll) / 3, rel=1e-6)
+    hits = sum(entry["predictions"][0]["class"] == Path(entry["image"]).parent.name
+               for entry in predicted)
+    assert evaluated["top1"] == pytest.approx(100 * hits / 3)
+    # the losses of the three images differ, so equal means mean the same images went in
+    assert len({round(x, 6) for x in nll}) == 3
 
 
 def test_predict_returns_sorted_probabilities(tmp_path):

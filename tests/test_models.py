@@ -243,7 +243,7 @@ def test_signal_metrics_follow_the_official_definitions():
     model = nfnets.create_model("nfnet_f0", num_classes=4, **TINY["nfnet_f0"]).eval()
     perturb(model)
     x = torch.randn(4, 3, 32, 32)
-    metrics = nfnets.signal_metrics(model, x)
+    metrics = nfnets.models.signal_metrics(model, x)
     n = len(model.blocks)
     assert len(metrics) == 2 * (n + 1) + n
     stem = model.stem(x)

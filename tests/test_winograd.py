@@ -93,7 +93,7 @@ def test_applies_only_when_enabled_and_where_it_pays():
     shape, one = (128, 128, 3, 3), (1, 1)
     assert not winograd.winograd_enabled()
     assert not winograd.applies(x, shape, one, 1)  # off by default
-    with nfnets.use_winograd():
+    with winograd.use_winograd():
         assert winograd.winograd_enabled()
         assert winograd.applies(x, shape, one, 1)
         assert not winograd.applies(x, shape, (2, 2), 1)  # stride 2
@@ -101,12 +101,12 @@ def test_applies_only_when_enabled_and_where_it_pays():
         assert not winograd.applies(x.bfloat16(), shape, one, 1)  # float32 only
         assert not winograd.applies(x[:, :64], (64, 64, 3, 3), one, 1)  # the stem's widths
         assert not winograd.applies(x[:2], shape, one, 1)  # 32 tiles
-        with nfnets.use_winograd(False):
+        with winograd.use_winograd(False):
             assert not winograd.applies(x, shape, one, 1)
         assert winograd.winograd_enabled()
     assert not winograd.winograd_enabled()
-    assert nfnets.set_winograd(True) is False
-    assert nfnets.set_winograd(False) is True
+    assert winograd.set_winograd(True) is False
+    assert winograd.set_winograd(False) is True
 
 
 def test_conv_module_caches_transformed_weights_that_follow_the_parameters():
@@ -115,7 +115,7 @@ def test_conv_module_caches_transformed_weights_that_follow_the_parameters():
     x = torch.randn(1, 128, 32, 32)
     with torch.no_grad():
         exact = conv(x)
-        with nfnets.use_winograd():
+        with winograd.use_winograd():
             fast = conv(x)
             cached = conv._winograd.value
             assert cached is not None
@@ -136,7 +136,7 @@ def test_autograd_and_graph_capture_never_take_the_path(any_shape):
     conv = Conv2dSame(4, 4, 3, activation="relu")
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     exact = conv(x)
-    with nfnets.use_winograd():
+    with winograd.use_winograd():
         trained = conv(x)
     assert conv._winograd.value is None
     torch.testing.assert_close(trained, exact, rtol=0, atol=0)
@@ -155,7 +155,7 @@ def test_model_inference_with_winograd_stays_within_the_fast_path_bound(name, co
         perturb(model)  # non-zero skip gains, so the residual branches count
         x = torch.randn(2, 3, 40, 40)
         exact = model(x)
-        with nfnets.use_winograd():
+        with winograd.use_winograd():
             fast = model(x)
             fused = copy.deepcopy(model).fuse()(x)
     used = [m for m in model.modules() if isinstance(m, Conv2dSame) and m._winograd.value]

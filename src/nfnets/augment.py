@@ -37,6 +37,8 @@ from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from .errors import UsageError
+
 DEFAULT_MIXUP_ALPHA = 0.2  # official.md §6.5, nfnets/dataset.py: alpha unless 'mixup_<number>'
 DEFAULT_LABEL_SMOOTHING = 0.1  # official.md §5.1/§5.6, nfnets/experiment_nfnets.py
 
@@ -61,7 +63,7 @@ def parse_augment_level(level: str | int) -> RandAugmentLevel:
     """
     token = str(level).split("_")[-1]
     if not token.isdigit():
-        raise ValueError(
+        raise UsageError(
             f"RandAugment level must be a non-negative integer such as '405' (4 layers, "
             f"magnitude 5) or '15' (2 layers, magnitude 15); got {level!r}"
         )
@@ -91,7 +93,7 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         if self.mixup_alpha <= 0:
-            raise ValueError(f"mixup_alpha must be positive, got {self.mixup_alpha}")
+            raise UsageError(f"mixup_alpha must be positive, got {self.mixup_alpha}")
 
     @classmethod
     def from_name(cls, name: str) -> AugmentConfig:
@@ -107,7 +109,7 @@ class AugmentConfig:
             return cls()
         for token in tokens:
             if token not in _KNOWN_AUGMENT_WORDS and not _NUMBER.match(token):
-                raise ValueError(
+                raise UsageError(
                     f"unknown word {token!r} in augment name {name!r}; use '_'-joined words "
                     f"from {_KNOWN_AUGMENT_WORDS} (e.g. 'cutmix_mixup_randaugment_405'), "
                     "or 'none'"
@@ -128,7 +130,7 @@ class AugmentConfig:
     def raw_batch_size(self, batch_size: int) -> int:
         """Raw images the loader must yield for ``batch_size`` outputs (2B when mixing)."""
         if self.mixup and self.cutmix and batch_size % 2:
-            raise ValueError(
+            raise UsageError(
                 f"batch size {batch_size} is odd; half MixUp + half CutMix needs an even batch"
             )
         return 2 * batch_size if self.mixing else batch_size

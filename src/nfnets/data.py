@@ -56,7 +56,7 @@ from .augment import (
     mix_batch,
     rand_augment_batch,
 )
-from .errors import DataError
+from .errors import DataError, UsageError
 
 IMAGE_EXTENSIONS = tuple(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm".split())
 # official.md §6.4, nfnets/dataset.py MEAN_RGB / STDDEV_RGB (ImageNet statistics x 255)
@@ -291,11 +291,12 @@ class EvalTransform:
             except ValueError:
                 pct = 0.0
             if pct <= 0:
-                raise ValueError(f"bad eval mode {mode!r}; use e.g. 'resize_crop_32'")
+                raise UsageError(f"bad eval mode {mode!r}; use e.g. 'resize_crop_32'")
             # official: a number > 1 is a pixel margin, otherwise a crop fraction
             self.scaled = int(size + pct) if pct > 1 else int(size / pct)
         else:
-            raise ValueError(f"unknown eval mode {mode!r}; use 'resize_crop_32' or 'crop_resize'")
+            raise UsageError(
+                f"unknown eval mode {mode!r}; use 'resize_crop_32' or 'crop_resize'")
 
     def __call__(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if self.scaled is None:

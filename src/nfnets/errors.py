@@ -3,6 +3,11 @@
 Library modules raise these; the ``nfnets`` command maps the first three to a one-line message
 and exit status 2, ``RunFailed`` to a one-line message and exit status 1, and lets every other
 exception (a genuine bug) show its traceback.
+
+A path the user names that does not exist raises the builtin ``FileNotFoundError`` (with a
+message naming the flag or path), which Python callers expect; the command treats it like the
+three types above. The three are also ``ValueError``s, so code written against the earlier
+``ValueError``s keeps working.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from .agc import AGC, CLIPPING, EPS
+from .wrappers import unwrap
 
 __all__ = [
     "EMA",
@@ -67,18 +68,6 @@ def _no_decay(name: str, module: nn.Module) -> bool:
         or name in _NO_DECAY_NAMES
         or isinstance(module, _NORM_LAYERS)
     )
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel keeps the model in `.module`, torch.compile in `._orig_mod`;
-    # both share its parameters, but only the bare model should be copied.
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _resolve_exclusions(model: nn.Module, exclude: Iterable[Any] | None) -> set[int]:
@@ -162,7 +151,7 @@ def param_groups(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if clipping is not None and not clipping > 0:
         raise ValueError(f"clipping must be a positive number or None, got {clipping!r}")
-    model = _unwrap(model)
+    model = unwrap(model)
     unclipped = _resolve_exclusions(model, exclude_from_clipping)
     classifier_weight = _classifier_weight(model)
     if classifier_weight is not None:
@@ -312,7 +301,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float = EMA_DECAY) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay!r}")
-        self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         self.decay = decay
         self.num_updates = 0
 
@@ -324,7 +313,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the average towards ``model``'s current parameters (one call per step)."""
-        model = _unwrap(model)
+        model = unwrap(model)
         ema_params, params = list(self.module.parameters()), list(model.parameters())
         ema_buffers, buffers = list(self.module.buffers()), list(model.buffers())
         if len(ema_params) != len(params) or len(ema_buffers) != len(buffers):

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import DataError
+
 __all__ = ["plot_run", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -31,7 +33,7 @@ def read_metrics(path: str | os.PathLike) -> tuple[Records, Records]:
 
     A run resumed from an earlier checkpoint logs some steps again; the last record of a step
     wins. Lines that are not JSON objects (e.g. one cut short by a crash) are skipped with a
-    warning. Raises FileNotFoundError for a missing file and ValueError when it holds no
+    warning. Raises FileNotFoundError for a missing file and DataError when it holds no
     train or val records.
     """
     path = Path(path)
@@ -57,7 +59,7 @@ def read_metrics(path: str | os.PathLike) -> tuple[Records, Records]:
         warnings.warn(f"{path}: skipped {bad} malformed line(s)", stacklevel=2)
     train, val = ([r for _, r in sorted(latest[k].items())] for k in ("train", "val"))
     if not train and not val:
-        raise ValueError(f"{path} holds no training records yet; plot again once the run "
+        raise DataError(f"{path} holds no training records yet; plot again once the run "
                          "has logged some steps")
     return train, val
 
@@ -106,7 +108,7 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     - ``clip_fraction.png``: fraction of gradient units clipped by AGC per step.
 
     A figure without data is skipped. Raises FileNotFoundError when ``run_dir`` has no
-    metrics.jsonl, ValueError when it is empty, ImportError without matplotlib.
+    metrics.jsonl, DataError when it is empty, ImportError without matplotlib.
     """
     run_dir = Path(run_dir)
     train, val = read_metrics(run_dir / METRICS_FILE)

@@ -53,7 +53,7 @@ from .distributed import (
     shard_model,
     sync_replicated_grads,
 )
-from .errors import RunFailed, UsageError
+from .errors import CheckpointError, RunFailed, UsageError
 from .files import atomic_write
 from .models import create_model, model_defaults
 from .optim import EMA, optimizer_step, peak_lr, sgd_agc, warmup_cosine_lr
@@ -195,7 +195,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
                          stochdepth_rate=cfg.stochdepth_rate, drop_rate=cfg.drop_rate,
                          **cfg.model_args)
     if cfg.init_from and resume is None:
-        load_pretrained(model, _weights_file(cfg.init_from), skip_classifier=True)
+        # A run's EMA weights when it has them (what its evaluation reports), else the raw.
+        load_pretrained(model, cfg.init_from, skip_classifier=True, ema=None)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.to(device)
     if cfg.channels_last:
@@ -447,22 +448,6 @@ def _datasets(cfg: TrainConfig):
     return imagenet_datasets(cfg.data, cfg.train_size, cfg.test_size)
 
 
-def _weights_file(path: str) -> Path:
-    """A weights file from a file or a run directory (its final EMA weights, else raw)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("model_ema.safetensors", "model.safetensors"):
-            if (path / name).is_file():
-                return path / name
-        found = list_checkpoints(path / "checkpoints")
-        if found:
-            return found[-1]
-        raise FileNotFoundError(f"{path} holds no model.safetensors or checkpoints/")
-    if not path.is_file():
-        raise FileNotFoundError(f"--init-from: no such file or run directory: {path}")
-    return path
-
-
 def _load_run_config(run_dir: str | os.PathLike, cfg: TrainConfig) -> TrainConfig:
     """The config a run was started with; only --epochs, --stop-at-step, --progress and
     --num-workers may change on resume (anything else would not be the same run)."""
@@ -531,7 +516,6 @@ def _save(out: Path, model, ema, optimizer, scheduler, scaler, state, cfg, is_ma
 
 def _restore(checkpoint, model, ema, optimizer, scheduler, scaler, state, device) -> None:
     from .distributed import is_sharded
-    from .weights import CheckpointError
 
     sharded = is_sharded(model)
     try:

@@ -1,13 +1,21 @@
-"""Reading and writing NFNet weights: DeepMind's released checkpoints and our safetensors files.
+"""Reading and writing NFNet weights, from every source, in one place.
 
-DeepMind's ``F{k}_haiku.npz`` files are Python pickles (despite the suffix) of a two-level
-mapping ``{haiku module path: {param name: float32 array}}`` (checkpoint-format.md §2). They
-are read here with a restricted unpickler that can only rebuild NumPy arrays and Haiku's
-mapping containers: no JAX, Haiku or dill is needed, and nothing named in the file is ever
-imported or called beyond that allow-list (checkpoint-format.md §3).
+Sources: DeepMind's released ``F{k}_haiku.npz`` files, our safetensors files, torch state
+dicts, nfnets training checkpoints and training run directories. The format of a file is told
+by its first bytes (``_sniff``), never by its suffix.
+
+DeepMind's files are Python pickles (despite the suffix) of a two-level mapping
+``{haiku module path: {param name: float32 array}}``: the official loader is
+``deepmind-research nfnets/utils.py: load_haiku_file``, a ``dill.load``. Here they are read
+with a restricted unpickler that can only rebuild NumPy arrays and Haiku's mapping containers:
+no JAX, Haiku or dill is needed, and nothing named in the file is ever imported or called
+beyond that allow-list (docs/weights.md, "Security model").
 
 Our own format is safetensors with metadata ``{"format": "nfnets", "model_name": ...,
 "model_kwargs": <json>}``, enough to rebuild the model with ``nfnets.create_model``.
+
+``load_model`` is the one entry point for inference (``nfnets eval``, ``predict``,
+``export``); ``load_pretrained`` loads into a model you built (``nfnets train --init-from``).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import re
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +39,21 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .checkpoint import list_checkpoints
+from .errors import CheckpointError, UsageError
 from .files import atomic_write
+from .wrappers import unwrap
 
 __all__ = [
     "OFFICIAL_RELEASES",
+    "RUN_WEIGHTS",
     "CheckpointError",
     "OfficialRelease",
     "convert_official",
-    "detect_official_variant",
     "detect_variant",
     "file_md5",
+    "imagenet_classes",
+    "load_model",
     "load_pretrained",
     "load_weights",
     "official_model_kwargs",
@@ -49,14 +61,13 @@ __all__ = [
     "read_official_checkpoint",
     "read_weights_metadata",
     "save_weights",
-    "verify_md5",
 ]
 
 PathLike = str | os.PathLike
 
 
 # --------------------------------------------------------------------------------------------
-# The released files (checkpoint-format.md §1, official.md §1.1 and §4.2)
+# The released files (deepmind-research nfnets/README.md; paper Table 3)
 # --------------------------------------------------------------------------------------------
 
 _RELEASE_URL = "https://storage.googleapis.com/dm-nfnets/{variant}_haiku.npz"  # official README
@@ -68,12 +79,12 @@ class OfficialRelease:
 
     variant: str  # official name, e.g. "F0"
     model_name: str  # our model name, e.g. "nfnet_f0"
-    md5: str  # third-party checksum, not published by DeepMind (checkpoint-format.md §1)
+    md5: str  # a third-party port's checksum; DeepMind publish none (docs/weights.md)
     top1: float  # README = paper Table 3; non-SAM rows are 3-seed means
     top5: float
     train_size: int
     test_size: int
-    num_params: int  # checkpoint-format.md §4
+    num_params: int  # of our model built for the file; pinned by tests/test_weights.py
     sam: bool  # F6 was trained with SAM (README "F6+SAM")
 
     @property
@@ -118,16 +129,6 @@ def file_md5(path: PathLike) -> str:
     return digest.hexdigest()
 
 
-def verify_md5(path: PathLike, expected: str) -> None:
-    """Raise CheckpointError unless the file's MD5 is ``expected``."""
-    actual = file_md5(path)
-    if actual != expected.lower():
-        raise CheckpointError(
-            f"{path}: MD5 {actual} does not match the expected {expected}; the file is "
-            "corrupt, incomplete or a different file; download it again"
-        )
-
-
 def _check_release_md5(path: Path) -> str | None:
     """MD5 of a file named like a release, warning if it differs from the listed checksum.
 
@@ -147,7 +148,7 @@ def _check_release_md5(path: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Restricted unpickling (checkpoint-format.md §3)
+# Restricted unpickling (docs/weights.md, "Security model")
 # --------------------------------------------------------------------------------------------
 
 # The first object of a legacy (non-zip) torch.save file.
@@ -288,7 +289,7 @@ def _validate_array(value: Any, path: Path, module: str, name: Any) -> np.ndarra
 
 
 # --------------------------------------------------------------------------------------------
-# Official names → ours (checkpoint-format.md §4–§6)
+# Official names → ours (deepmind-research nfnets/nfnet.py, base.py: the Haiku module names)
 # --------------------------------------------------------------------------------------------
 
 # Haiku root module → (our family, Haiku name of its blocks).
@@ -387,16 +388,6 @@ def official_to_state_dict(tree: Mapping[str, Mapping[str, np.ndarray]]
     return family, _unique((key, convert(array, axes)) for key, array, axes in params)
 
 
-def _official_shapes(tree: Mapping[str, Mapping[str, np.ndarray]]
-                     ) -> tuple[str, dict[str, tuple[int, ...]]]:
-    family, params = _official_params(tree)
-    shapes = _unique(
-        (key, array.shape if axes is None else tuple(array.shape[a] for a in axes))
-        for key, array, axes in params
-    )
-    return family, shapes
-
-
 # --------------------------------------------------------------------------------------------
 # Variant detection from a state dict's keys and shapes
 # --------------------------------------------------------------------------------------------
@@ -458,28 +449,11 @@ def detect_variant(shapes: Mapping[str, Any], family: str | None = None) -> str:
     return name
 
 
-def detect_official_variant(tree: Mapping[str, Mapping[str, np.ndarray]]) -> str:
-    """Our model name (e.g. ``'nfnet_f0'``) for an official tree, from its keys and shapes."""
-    family, shapes = _official_shapes(tree)
-    return detect_variant(shapes, family)
-
-
 # --------------------------------------------------------------------------------------------
 # Checking a state dict against a model
 # --------------------------------------------------------------------------------------------
 
 _MAX_LISTED = 10
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The nfnets model inside torch.compile / DataParallel / DDP wrappers."""
-    while True:
-        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _is_classifier_key(model: nn.Module) -> Callable[[str], bool]:
@@ -595,7 +569,7 @@ def save_weights(model: nn.Module, path: PathLike,
     ``extra_metadata`` values are stored as strings (non-strings as JSON). The write is atomic:
     an interrupted save leaves any previous file at ``path`` intact.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     metadata = _model_metadata(model, extra_metadata)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _write_safetensors(tensors, metadata, path)
@@ -650,8 +624,64 @@ def load_weights(path: PathLike, map_location: str | torch.device = "cpu") -> nn
 
 
 # --------------------------------------------------------------------------------------------
-# Loading any supported file into a model
+# Reading weights from any source: one sniffer, one reader per format
 # --------------------------------------------------------------------------------------------
+
+# The weights files nfnets.train writes into a run directory: raw and EMA.
+RUN_WEIGHTS = {False: "model.safetensors", True: "model_ema.safetensors"}
+_IMAGENET_NUM_CLASSES = 1000
+
+
+@dataclass
+class _Source:
+    """What a weights source holds: a state dict in our naming, and what is known about it."""
+
+    state_dict: dict[str, torch.Tensor]
+    path: Path  # the file actually read (a run directory resolves to one of its files)
+    ema: bool  # whether these are the EMA weights of a training run
+    model_name: str | None = None  # recorded by the file; None when it must be detected
+    model_kwargs: dict[str, Any] | None = None
+    family: str | None = None  # official files name their family by their root module
+    # Facts for inference (classes, test_size, data, seed), first mapping that has one wins.
+    facts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The recorded architecture, in ``read_weights_metadata``'s shape (for messages)."""
+        if self.model_name is None:
+            return {}
+        return {"model_name": self.model_name, "model_kwargs": self.model_kwargs or {}}
+
+
+def _sniff(path: Path) -> str:
+    """The format of a weights file by its first bytes: suffixes lie (F*_haiku.npz is a pickle).
+
+    ``'torch'`` (torch.save's zip archive), ``'official'`` (a pickle, protocol >= 2: DeepMind's
+    released files) or ``'safetensors'`` (a little-endian u64 header length, then JSON).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch"
+    if head.startswith(b"\x80"):
+        return "official"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise CheckpointError(
+        f"{path}: unrecognised weights file (first bytes {head[:8]!r}); expected an official "
+        "NFNet pickle (F*_haiku.npz), an nfnets .safetensors file, a torch state dict or an "
+        "nfnets training checkpoint"
+    )
+
+
+def _read_official(path: Path) -> tuple[str, dict[str, torch.Tensor], str | None]:
+    """(family, state dict in our naming, MD5 for a file named like a release) of an official
+    file: the one loader behind ``load_pretrained``, ``load_model`` and ``convert_official``."""
+    md5 = _check_release_md5(path)
+    family, state_dict = official_to_state_dict(read_official_checkpoint(path))
+    return family, state_dict, md5
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -659,8 +689,8 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _read_torch_archive(path: Path) -> dict[str, torch.Tensor]:
-    """A plain state dict (or ``{"model": state_dict, ...}``) from a torch.save zip archive."""
+def _load_torch_file(path: Path) -> Any:
+    """The object in a torch.save zip archive, unpickled with ``weights_only=True``."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -672,59 +702,141 @@ def _read_torch_archive(path: Path) -> dict[str, torch.Tensor]:
             "DeepMind's F*_haiku.npz files are pickles despite the suffix; this one is not."
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as err:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise CheckpointError(f"{path}: torch could not load it safely ({err})") from err
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    """A run's config.json, or {} when there is none (e.g. a checkpoint copied elsewhere)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not readable JSON ({err})") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _json_value(value: Any) -> Any:
+    """save_weights stores non-string extra metadata as JSON and strings as they are."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _read_torch(path: Path, ema: bool | None) -> _Source:
+    """An nfnets training checkpoint (raw or EMA weights), or a plain torch state dict."""
+    obj = _load_torch_file(path)
+    if isinstance(obj, Mapping) and obj.get("model_name") and _is_state_dict(obj.get("model")):
+        averaged = obj.get("ema")
+        averaged = averaged.get("module") if isinstance(averaged, Mapping) else None
+        use_ema = bool(ema) or (ema is None and _is_state_dict(averaged))
+        if use_ema and not _is_state_dict(averaged):
+            raise CheckpointError(f"{path} holds no EMA weights; drop --ema")
+        # in a run, RUN/checkpoints/step_*.pt: the run's config.json has the class names
+        in_run = path.parent.name == "checkpoints"
+        run_config = _read_config(path.parent.parent) if in_run else {}
+        return _Source(averaged if use_ema else obj["model"], path, use_ema,
+                       str(obj["model_name"]), dict(obj.get("model_kwargs") or {}),
+                       facts=[run_config, obj.get("config") or {}])
     if isinstance(obj, Mapping) and _is_state_dict(obj.get("model")):
         obj = obj["model"]
     if not _is_state_dict(obj):
         keys = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
         raise CheckpointError(
-            f"{path} is a torch checkpoint but not a plain state dict (found {keys}); resume "
-            "training checkpoints with the training tools, or save the model with "
+            f"{path} is a torch checkpoint but neither a plain state dict nor an nfnets "
+            f"training checkpoint (found {keys}); save the model with "
             "nfnets.weights.save_weights"
         )
-    return obj
+    if ema:
+        raise CheckpointError(f"{path} holds a single set of weights; drop --ema")
+    return _Source(obj, path, False)
 
 
-def _read_any(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict in our naming, metadata) of a file of any supported format, by its content."""
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"PK\x03\x04"):
-        return _read_torch_archive(path), {}
-    if head.startswith(b"\x80"):  # pickle protocol >= 2: DeepMind's official files
-        _check_release_md5(path)
-        return official_to_state_dict(read_official_checkpoint(path))[1], {}
-    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then JSON
-        raw = _read_safetensors_metadata(path)
-        # A foreign safetensors file (no nfnets metadata) gets the key check only.
-        metadata = _parse_metadata(raw, path) if raw.get("format") == _FORMAT else {}
-        return safetensors.torch.load_file(str(path)), metadata
-    raise CheckpointError(
-        f"{path}: unrecognised weights file (first bytes {head[:8]!r}); expected an official "
-        "NFNet pickle (F*_haiku.npz), an nfnets .safetensors file or a torch state dict"
-    )
+def _read_safetensors(path: Path, ema: bool | None, config: dict[str, Any] | None = None
+                      ) -> _Source:
+    """A safetensors file: ours (architecture in the metadata) or foreign (keys only)."""
+    if ema and path.name != RUN_WEIGHTS[True]:
+        raise CheckpointError(
+            f"{path} holds a single set of weights, so --ema does not apply: pass a run "
+            "directory or a training checkpoint with --ema, or the run's "
+            f"{RUN_WEIGHTS[True]} itself"
+        )
+    raw = _read_safetensors_metadata(path)
+    state_dict = safetensors.torch.load_file(str(path))
+    if raw.get("format") != _FORMAT:
+        return _Source(state_dict, path, bool(ema))
+    metadata = _parse_metadata(raw, path)
+    if config is None:
+        # a run's weights file copied out of the run has no config beside it; others never do
+        in_run = path.name in RUN_WEIGHTS.values()
+        config = _read_config(path.parent) if in_run else {}
+    extra = {key: _json_value(value) for key, value in metadata.items()}
+    return _Source(state_dict, path, path.name == RUN_WEIGHTS[True], metadata["model_name"],
+                   metadata["model_kwargs"], facts=[extra, config])
 
 
-def load_pretrained(model: nn.Module, path: PathLike, *,
-                    skip_classifier: bool = False, assign: bool = False) -> nn.Module:
-    """Load weights from ``path`` into ``model`` (in place) and return it.
+def _read_run(run: Path, ema: bool | None) -> _Source:
+    """A finished run's safetensors, else (run still going) its newest checkpoint."""
+    config = _read_config(run)
+    for use_ema in ((True, False) if ema is None else (ema,)):
+        if (run / RUN_WEIGHTS[use_ema]).is_file():
+            return _read_safetensors(run / RUN_WEIGHTS[use_ema], use_ema, config)
+    if ema and (run / RUN_WEIGHTS[False]).is_file():
+        raise CheckpointError(f"run {run} has {RUN_WEIGHTS[False]} but no "
+                              f"{RUN_WEIGHTS[True]}; drop --ema")
+    checkpoints = list_checkpoints(run / "checkpoints")
+    if checkpoints:
+        return _read_torch(checkpoints[-1], ema)
+    raise CheckpointError(f"{run} holds no weights: expected a training run directory with "
+                          f"{RUN_WEIGHTS[False]} or checkpoints/step_*.pt")
 
-    The format is recognised by content: an official DeepMind pickle (converted on the fly),
-    a safetensors file (ours or any other with our key names), or a torch zip archive holding a
-    plain state dict (or ``{"model": state_dict}``), read with ``weights_only=True``. Every key
-    and shape is checked first; a mismatch raises CheckpointError naming the offending keys
-    and the variant the file looks like. ``skip_classifier=True`` loads everything except the
-    classifier, for fine-tuning on other classes. ``assign=True`` adopts the loaded tensors as
-    the parameters (for a model built on the meta device).
+
+def _read_source(source: PathLike, ema: bool | None) -> _Source:
+    """Read any supported source. ``ema``: True (the EMA weights, an error if there are none),
+    False (the raw weights) or None (the EMA weights when the source has them, else the raw)."""
+    path = Path(source)
+    if path.is_dir():
+        return _read_run(path, ema)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or run directory: {path}")
+    kind = _sniff(path)
+    if kind == "torch":
+        return _read_torch(path, ema)
+    if kind == "safetensors":
+        return _read_safetensors(path, ema)
+    if ema:
+        # DeepMind ship one set of weights per file and do not say if it is the EMA copy
+        raise CheckpointError(f"{path} is an official checkpoint with a single set of weights; "
+                              "drop --ema")
+    family, state_dict, _ = _read_official(path)
+    return _Source(state_dict, path, False, family=family, facts=[{"source_file": path.name}])
+
+
+def load_pretrained(model: nn.Module, source: PathLike, *, skip_classifier: bool = False,
+                    assign: bool = False, ema: bool | None = False) -> nn.Module:
+    """Load weights from ``source`` into ``model`` (in place) and return it.
+
+    ``source`` is a file of any supported format, recognised by content (an official DeepMind
+    pickle, converted on the fly; a safetensors file, ours or any other with our key names; a
+    torch zip archive holding a plain state dict, ``{"model": state_dict}`` or an nfnets
+    training checkpoint, read with ``weights_only=True``) or a training run directory.
+    ``ema`` picks a run's or training checkpoint's EMA weights (True), raw weights (False) or
+    the EMA weights when there are any (None). Every key and shape is checked first; a
+    mismatch raises CheckpointError naming the offending keys and the variant the file looks
+    like. ``skip_classifier=True`` loads everything except the classifier, for fine-tuning on
+    other classes. ``assign=True`` adopts the loaded tensors as the parameters (for a model
+    built on the meta device).
     """
-    path = Path(path)
-    target = _unwrap(model)
-    state_dict, metadata = _read_any(path)
-    _check_fits(target, state_dict, path, metadata, skip_classifier)
+    loaded = _read_source(source, ema)
+    target = unwrap(model)
+    _check_fits(target, loaded.state_dict, loaded.path, loaded.metadata, skip_classifier)
+    state_dict = loaded.state_dict
     if skip_classifier:
         is_head = _is_classifier_key(target)
         state_dict = {k: v for k, v in state_dict.items() if not is_head(k)}
@@ -734,12 +846,116 @@ def load_pretrained(model: nn.Module, path: PathLike, *,
 
 def official_model_kwargs(family: str, state_dict: Mapping[str, torch.Tensor]
                            ) -> dict[str, Any]:
-    """The create_model options an official file implies beyond its variant name."""
+    """The create_model options a state dict implies beyond its variant name."""
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     kwargs: dict[str, Any] = {"num_classes": _num_classes(shapes)}
     if family == "nf_resnet" and "blocks.0.se.fc0.weight" in state_dict:
-        kwargs["use_se"] = True  # NF-ResNets have SE only when asked (official.md §2.13)
+        # NF-ResNets have SE only when asked (deepmind-research nfnets/nf_resnet.py: use_se)
+        kwargs["use_se"] = True
     return kwargs
+
+
+def _canonical_name(name: str) -> str:
+    """Our spelling of a model name ('F0' -> 'nfnet_f0'); UsageError for unknown names."""
+    from . import create_model
+
+    with torch.device("meta"):  # only the name is needed: allocate nothing
+        return create_model(name, num_classes=0).model_name
+
+
+def _architecture(loaded: _Source, model_name: str | None) -> tuple[str, dict[str, Any]]:
+    """The model name and create_model options of a source: recorded, else detected.
+
+    ``model_name`` (the user's) must agree with a recorded or detected name; it decides alone
+    only when the layout is unusual enough that detection fails.
+    """
+    wanted = None if model_name is None else _canonical_name(model_name)
+    if loaded.model_name is not None:
+        found = loaded.model_name
+        kwargs = dict(loaded.model_kwargs or {})
+    else:
+        shapes = {k: tuple(v.shape) for k, v in loaded.state_dict.items()}
+        family = loaded.family or _family_of(shapes)
+        try:
+            found = detect_variant(shapes, family)
+        except CheckpointError:
+            if wanted is None:
+                raise
+            found = wanted  # an unusual layout: the key check against model_name decides
+        kwargs = official_model_kwargs(family, loaded.state_dict)
+    if wanted is not None and wanted != found:
+        raise CheckpointError(f"{loaded.path} holds {found} weights, not {wanted}; drop "
+                              f"--model or pass --model {found}")
+    return found, kwargs
+
+
+def imagenet_classes() -> list[str]:
+    """ImageNet's 1000 class names in label order (torchvision's copy of the standard list)."""
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return list(_IMAGENET_CATEGORIES)
+
+
+def _inference_info(model: nn.Module, loaded: _Source) -> dict[str, Any]:
+    """What inference needs besides the model, from the source's metadata and run config."""
+    from .models import model_defaults
+
+    facts = loaded.facts
+
+    def first(key: str) -> Any:
+        return next((f[key] for f in facts if f.get(key) is not None), None)
+
+    classes = first("classes")
+    # official weights (read directly, or via `nfnets convert`, which records the source file)
+    if classes is None and first("source_file") and model.num_classes == _IMAGENET_NUM_CLASSES:
+        classes = imagenet_classes()
+    train = first("train") or {}
+    return {
+        "classes": classes,
+        "test_size": int(first("test_size") or model_defaults(model.model_name)["test_size"]),
+        "source": str(loaded.path),
+        "model_name": model.model_name,
+        "ema": loaded.ema,
+        "data": first("data"),
+        # the digits demo's held-out split depends on the run's seed (nfnets.train)
+        "seed": int(first("seed") or train.get("seed") or 0),
+    }
+
+
+def load_model(source: PathLike, *, model_name: str | None = None, ema: bool = False,
+               map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model that ``source`` holds and load it; return ``(model in eval mode, info)``.
+
+    ``source`` is a training run directory (``model_ema.safetensors`` with ``ema``, else
+    ``model.safetensors``; while the run has neither, its newest ``checkpoints/step_*.pt``), a
+    ``.safetensors`` file (from ``save_weights``; a foreign one with our key names has its
+    variant detected), a training checkpoint ``.pt``, a torch state dict, or DeepMind's
+    ``F*_haiku.npz`` (variant detected from the file). ``model_name`` must agree with what the
+    file records or what is detected.
+
+    ``info``: ``classes`` (names in label order, or None when unknown; ImageNet's for official
+    weights), ``test_size`` (the run's, else the variant's), ``source`` (the file read),
+    ``model_name``, ``ema``, ``data`` (the run's data option, or None) and ``seed`` (the run's
+    seed, which fixes the digits demo's held-out split).
+
+    Raises FileNotFoundError for a missing path, UsageError for an unknown ``model_name`` and
+    CheckpointError for a source that cannot be used (including ``ema=True`` on weights
+    without an EMA copy).
+    """
+    from . import create_model
+
+    loaded = _read_source(source, ema)
+    name, kwargs = _architecture(loaded, model_name)
+    try:
+        # Built on the meta device, the model costs no memory and no initialisation (seconds
+        # for the large NFNets); assign=True then adopts the loaded tensors as its parameters.
+        with torch.device("meta"):
+            model = create_model(name, **kwargs)
+    except UsageError as err:
+        raise CheckpointError(f"{loaded.path}: cannot rebuild {name}: {err}") from None
+    _check_fits(model, loaded.state_dict, loaded.path, loaded.metadata, skip_classifier=False)
+    model.load_state_dict(loaded.state_dict, assign=True)
+    return model.to(map_location).eval(), _inference_info(model, loaded)
 
 
 def convert_official(src: PathLike, dst: PathLike, model_name: str | None = None) -> str:
@@ -751,22 +967,16 @@ def convert_official(src: PathLike, dst: PathLike, model_name: str | None = None
     from . import create_model
 
     src = Path(src)
-    family, state_dict = official_to_state_dict(read_official_checkpoint(src))
-    md5 = _check_release_md5(src)
-    try:
-        detected = detect_variant(state_dict, family)
-    except CheckpointError:
-        if model_name is None:
-            raise
-        detected = None  # an unusual layout: the key check against model_name decides
+    if _sniff(src) != "official":
+        raise CheckpointError(f"{src} is not an official NFNet checkpoint (a pickle such as "
+                              "F0_haiku.npz)")
+    family, state_dict, md5 = _read_official(src)
+    loaded = _Source(state_dict, src, False, family=family)
+    name, kwargs = _architecture(loaded, model_name)
     # Shapes are all the check needs: build on the meta device (no memory, no init cost).
     with torch.device("meta"):
-        model = create_model(model_name or detected,
-                             **official_model_kwargs(family, state_dict))
-    if detected is not None and model.model_name != detected:
-        raise CheckpointError(f"{src} holds {detected} weights, not {model.model_name}")
+        model = create_model(name, **kwargs)
     _check_fits(model, state_dict, src, {}, skip_classifier=False)
     extra = {"source_file": src.name, **({"source_md5": md5} if md5 else {})}
     _write_safetensors(state_dict, _model_metadata(model, extra), dst)
     return model.model_name
-

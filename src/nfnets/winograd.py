@@ -94,8 +94,8 @@ def winograd_enabled() -> bool:
 def use_winograd(enabled: bool = True) -> Iterator[None]:
     """Run eligible CPU-inference 3×3 convs with Winograd F(4×4, 3×3) inside the block.
 
-    ``with nfnets.use_winograd(): logits = model(images)``: ~1e-5 relative error per conv instead
-    of ~1e-6, for ~10 % less time on NFNet-F0 (see the module docstring).
+    ``with nfnets.winograd.use_winograd(): logits = model(images)``: ~1e-5 relative error per
+    conv instead of ~1e-6, for ~10 % less time on NFNet-F0 (see the module docstring).
     """
     previous = set_winograd(enabled)
     try:

@@ -2,10 +2,13 @@
 
 Each subcommand is one module of this package with ``add_arguments(parser)`` and
 ``run(args) -> int``, so tests call it in-process. Mistakes in what the user gave (a bad flag
-combination, a missing path, a file of the wrong kind: ``nfnets.errors``' UsageError,
-DataError, CheckpointError) print one line and exit with status 2; a run that fails on its own
-(RunFailed, e.g. a diverging loss) prints one line and exits with 1. Any other exception is a
-bug and keeps its traceback. Library modules never import this package.
+combination, a file of the wrong kind: ``nfnets.errors``' UsageError, DataError,
+CheckpointError) print one line and exit with status 2. So does FileNotFoundError: nfnets
+raises it, with a message naming the flag or path, for every path the user names that does
+not exist (the builtin type, which Python callers of the library expect). A run that fails
+on its own (RunFailed, e.g. a diverging loss) prints one line and exits with 1. Any other
+exception is a bug and keeps its traceback (exit 1); ``NFNETS_DEBUG=1`` shows the traceback
+of the mapped ones too. Library modules never import this package.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import CheckpointError, DataError, RunFailed, UsageError
+
+# What the user can fix: one line, exit status 2. Exactly these; a bare ValueError is a bug.
+USER_ERRORS = (UsageError, DataError, CheckpointError, FileNotFoundError)
 
 # name: (module of this package, one-line help). Modules are imported only when used, so
 # `nfnets --help` stays fast.
@@ -71,14 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
         return int(args._run(args) or 0)
-    except (UsageError, DataError, CheckpointError, ValueError, FileNotFoundError,
-            NotADirectoryError, IsADirectoryError) as err:
-        # TODO(redesign): only our own error types here; NFNETS_DEBUG=1 shows the traceback.
+    except USER_ERRORS as err:
         if os.environ.get("NFNETS_DEBUG"):
             raise
         print(f"nfnets {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RunFailed as err:
+        if os.environ.get("NFNETS_DEBUG"):
+            raise
         print(f"nfnets {args.command}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

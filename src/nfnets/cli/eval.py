@@ -11,7 +11,8 @@ from torch import nn
 
 from ..data import EvalTransform, ImageFolderDataset, digits_datasets, eval_loader
 from ..errors import UsageError
-from ..evaluate import DEFAULT_EVAL_BATCH, _imagenet_classes, evaluate, load_inference_model
+from ..evaluate import DEFAULT_EVAL_BATCH, evaluate
+from ..weights import imagenet_classes, load_model
 from ..winograd import use_winograd
 from ._common import add_model_arguments, positive, resolve_device
 
@@ -48,7 +49,7 @@ def _check_classes(dataset_classes: list[str], model: nn.Module, info: dict[str,
         )
     known = info["classes"]
     # official weights carry ImageNet's readable names, never the folder's synset ids
-    if known is not None and list(known) not in (list(dataset_classes), _imagenet_classes()):
+    if known is not None and list(known) not in (list(dataset_classes), imagenet_classes()):
         print(f"nfnets eval: warning: the class names of {where} differ from the run's "
               "(labels are matched by sorted position)", file=sys.stderr)
 
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     device = resolve_device(args.device)
-    model, info = load_inference_model(args.path, model_name=args.model, ema=args.ema)
+    model, info = load_model(args.path, model_name=args.model, ema=args.ema)
     image_size = args.image_size or info["test_size"]
     dataset, where = _eval_dataset(args, info, image_size)
     _check_classes(dataset.classes, model, info, where)

@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     if source.exists():
-        from ..evaluate import load_inference_model
+        from ..weights import load_model
 
-        model, info = load_inference_model(source, model_name=args.model, ema=args.ema)
+        model, info = load_model(source, model_name=args.model, ema=args.ema)
         size = args.image_size or info["test_size"]
     elif args.source in list_models() or not source.suffix:
         model = create_model(args.source, num_classes=args.num_classes).eval()

@@ -10,13 +10,8 @@ from collections.abc import Iterator
 from torch import Tensor
 
 from ..errors import DataError
-from ..evaluate import (
-    DEFAULT_TOP_K,
-    _class_names,
-    _top_k,
-    load_inference_model,
-    preprocess_image,
-)
+from ..evaluate import DEFAULT_TOP_K, _class_names, _top_k, preprocess_image
+from ..weights import load_model
 from ..winograd import use_winograd
 from ._common import add_model_arguments, positive, resolve_device
 
@@ -56,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     positive(args.image_size, "--image-size")
     positive(args.top_k, "--top-k")
     device = resolve_device(args.device)
-    model, info = load_inference_model(args.weights, model_name=args.model, ema=args.ema)
+    model, info = load_model(args.weights, model_name=args.model, ema=args.ema)
     model.to(device)
     image_size = args.image_size or info["test_size"]
     crop = info["data"] != "digits"  # the digits demo evaluates whole images (data.py)

@@ -86,7 +86,12 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"--config: no such file: {path}")
-        values = json.loads(path.read_text())
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--config: {path} is not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"--config: {path} must hold a JSON object of TrainConfig fields")
         unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown:
             raise UsageError(f"--config: unknown keys {sorted(unknown)}")

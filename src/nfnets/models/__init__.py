@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from .common import NFModel, NFResidualBlock, signal_metrics
 from .nf_regnet import NFRegNet, NFRegNetBlock
 from .nf_resnet import NFResBlock, NFResNet
@@ -73,7 +74,7 @@ def _entry(name: str) -> tuple[str, _Entry]:
     if key not in _MODELS:
         close = difflib.get_close_matches(key, list(_MODELS), n=4, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} (nfnets.list_models() lists all "
+        raise UsageError(f"unknown model {name!r}{hint} (nfnets.list_models() lists all "
                          f"{len(_MODELS)} names)")
     return key, _MODELS[key]
 
@@ -135,8 +136,8 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str | Path | No
         # adopt the loaded tensors (F6's init alone takes seconds).
         with torch.device("meta") if pretrained is not None else nullcontext():
             model = builder(entry.variant, **kwargs)
-    except TypeError as err:
-        raise ValueError(f"invalid option for {key}: {err}") from None
+    except (TypeError, ValueError) as err:  # an unknown option, or a value the builder refuses
+        raise UsageError(f"invalid option for {key}: {err}") from None
     model.model_name = key
     model.model_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
     model.default_cfg = model_defaults(key)

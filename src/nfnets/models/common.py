@@ -197,6 +197,10 @@ class NFModel(nn.Module):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = num_classes
+        # Keep create_model's record true, so save_weights -> load_weights rebuilds this head.
+        # A new dict: never mutate the empty class-level default.
+        if self.model_kwargs:
+            self.model_kwargs = {**self.model_kwargs, "num_classes": num_classes}
         param = next(self.parameters(), None)
         device = None if param is None else param.device
         if num_classes == 0:
