@@ -1,16 +1,12 @@
 """Time nfnets' AGC on NFNet-F0 against timm's AGC and against a full F0 training step.
 
-Four timed cases, run in one process, interleaved after warm-up rounds (each round takes
-``--agc-repeats`` alternating samples of the three AGC cases, then one training step); the
+Three timed cases, run in one process, interleaved after warm-up rounds (each round takes
+``--agc-repeats`` alternating samples of the two AGC cases, then one training step); the
 medians are reported:
 
 - ``nfnets``: ``nfnets.agc.adaptive_clip_grad_`` on every F0 parameter the recipe clips
-  (all but the classifier weight), as it runs in a training step: the forward pass's weight
-  standardisation has remembered the conv weights' unit norms (``remember_unit_norms``), so
-  AGC does not read those weights again. Gradients are reset from a saved copy and the norms
-  one forward pass remembered are handed over again before each sample;
-- ``nfnets_cold``: the same call on parameters no forward pass has seen (how it runs on any
-  other model): AGC computes every weight norm itself;
+  (all but the classifier weight), as it runs in a training step. Gradients are reset from a
+  saved copy before each sample;
 - ``timm``: ``timm.utils.agc.adaptive_clip_grad`` on the same parameters and gradients;
 - ``train_step``: zero_grad + forward + backward + SGD step (Nesterov, weight decay, no AGC)
   of F0 in train mode at ``--batch`` images of ``--size`` px.
@@ -44,7 +40,7 @@ import nfnets
 from nfnets.agc import adaptive_clip_grad_, unit_count
 from nfnets.optim import param_groups
 
-CLIPPING, EPS = 0.01, 1e-3  # official.md §5.1 / §5.5
+CLIPPING, EPS = 0.01, 1e-3  # deepmind-research nfnets/experiment_nfnets.py, nfnets/optim.py
 TARGET_VS_TIMM = 1 / 3  # AGC at most a third of timm's time
 TARGET_VS_STEP = 0.02  # AGC at most 2% of an F0 training step
 
@@ -83,14 +79,9 @@ def fake_grads(params: list[nn.Parameter], seed: int = 0) -> list[torch.Tensor]:
     return grads
 
 
-def agc_case(fn: Callable[..., object], params, saved, remembered: dict | None = None
-             ) -> Callable[[], float]:
+def agc_case(fn: Callable[..., object], params, saved) -> Callable[[], float]:
     def run() -> float:
         torch._foreach_copy_([p.grad for p in params], saved)  # same input every sample
-        for p in params:  # what one forward pass remembers (AGC takes it), or nothing
-            p.__dict__.pop("_agc_unit_norms", None)
-            if remembered and p in remembered:
-                p._agc_unit_norms = remembered[p]
         start = time.perf_counter()
         fn(params, CLIPPING, EPS)
         return time.perf_counter() - start
@@ -132,32 +123,23 @@ def check_agreement(params, saved) -> dict[str, float]:
     }
 
 
-def remembered_norms(model: nn.Module, params: list[nn.Parameter], size: int) -> dict:
-    """The unit norms one training-mode forward pass hands to AGC, per parameter."""
-    with torch.no_grad():
-        model(torch.randn(1, 3, size, size))
-    return {p: p._agc_unit_norms for p in params if hasattr(p, "_agc_unit_norms")}
-
-
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
     model = nfnets.create_model(args.model).train()
     params = clipped_params(model)
-    remembered = remembered_norms(model, params, args.size)
     saved = fake_grads(params)
     for p, g in zip(params, saved, strict=True):
         p.grad = g.clone()
     agreement = check_agreement(params, saved)
 
     cases = {
-        "nfnets": agc_case(adaptive_clip_grad_, params, saved, remembered),
-        "nfnets_cold": agc_case(adaptive_clip_grad_, params, saved),
+        "nfnets": agc_case(adaptive_clip_grad_, params, saved),
         "timm": agc_case(timm_adaptive_clip_grad, params, saved),
         # A copy: its optimizer steps must not change the weights the AGC cases clip.
         "train_step": step_case(copy.deepcopy(model), args.batch, args.size),
     }
-    schedule = ["nfnets", "nfnets_cold", "timm"] * args.agc_repeats + ["train_step"]
+    schedule = ["nfnets", "timm"] * args.agc_repeats + ["train_step"]
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(args.warmup + args.rounds):
         timings = [(name, cases[name]()) for name in schedule]
@@ -170,7 +152,6 @@ def main() -> None:
     # On a shared machine the minimum is the least disturbed sample: reported alongside.
     min_ms = {name: min(s) * 1e3 for name, s in samples.items()}
     vs_timm = median_ms["nfnets"] / median_ms["timm"]
-    cold_vs_timm = median_ms["nfnets_cold"] / median_ms["timm"]
     vs_step = median_ms["nfnets"] / median_ms["train_step"]
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -191,7 +172,6 @@ def main() -> None:
             "model": args.model,
             "clipped_params": len(params),
             "clipped_values": sum(p.numel() for p in params),
-            "weights_with_remembered_norms": len(remembered),
             "clipping": CLIPPING,
             "eps": EPS,
             "train_step": f"batch {args.batch} at {args.size} px, fp32, SGD Nesterov + wd",
@@ -203,11 +183,9 @@ def main() -> None:
         "median_ms": median_ms,
         "min_ms": min_ms,
         "samples_ms": {name: [v * 1e3 for v in s] for name, s in samples.items()},
-        "ratios": {"nfnets_over_timm": vs_timm, "nfnets_cold_over_timm": cold_vs_timm,
-                   "nfnets_over_train_step": vs_step},
+        "ratios": {"nfnets_over_timm": vs_timm, "nfnets_over_train_step": vs_step},
         "ratios_of_minima": {
             "nfnets_over_timm": min_ms["nfnets"] / min_ms["timm"],
-            "nfnets_cold_over_timm": min_ms["nfnets_cold"] / min_ms["timm"],
             "nfnets_over_train_step": min_ms["nfnets"] / min_ms["train_step"],
         },
         "targets": {

@@ -7,15 +7,15 @@ Same measurements as ``benchmarks/bench_models.py`` (interleaved repetitions aft
 medians; see its docstring), with GPU-sized defaults: training batch 32 at 192 px (the
 paper's per-step batch), eval batch 128 at 256 px, an 8192² matmul as the utilisation
 reference per dtype, peak memory from ``torch.cuda.max_memory_allocated``. The full grid
-compiles 8 training and 4 inference graphs, which takes a while: narrow it with
+compiles 8 training and 8 inference graphs, which takes a while: narrow it with
 ``--train-cases`` / ``--eval-cases``. Writes
 ``benchmarks/results/gpu.json`` and the ``bench:gpu`` block of ``docs/performance.md``.
 
 For comparison it prints the paper's figure: NFNet-F0 took 56.7 ms per training step of 32
-images on one V100 in float16 (official.md §4.2 Table 3, method in §4.4). Notes: PyTorch lets
+images on one V100 in float16 (paper Table 3). Notes: PyTorch lets
 cuDNN use TF32 for float32 convolutions by default but not for the float32 matmul reference,
 so the float32 utilisation can exceed 1; timm found channels-last more than halves NFNet
-training speed on GPUs because of the grouped convolutions (peers.md §2.5).
+training speed on GPUs because of the grouped convolutions (timm's dm_nfnet notes).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import bench_models as bench
 import torch
 
-# official.md §4.2 (paper Table 3, "GPU Train"): one V100, float16, 32 images per step.
+# Paper Table 3, "GPU Train": one V100, float16, 32 images per step.
 PAPER_F0_STEP_MS = 56.7
 PAPER_F0_BATCH = 32
 
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = bench.parser(
         device="cuda", name="gpu", train_batch=PAPER_F0_BATCH, eval_batch=128,
         train_cases=grid(bench.TRAIN_SIDES, bench.TRAIN_SIDES),
-        # Compiling the cached-WS eval model would recompute WS in the graph: compile the
-        # fused one (and timm's), as a deployment would.
-        eval_cases=grid(bench.EVAL_SIDES, ("ours_fused", "timm")),
+        # Ours compiles through optimize_for_inference (the ours_opt side); timm with
+        # torch.compile.
+        eval_cases=grid(("ours_fused", "ours_opt", "timm"), ("timm",)),
         matmul_size=8192, threads=None)
     parser.description = __doc__.split("\n\n")[0]
     args = parser.parse_args(argv)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     # Fixed input shapes: let cuDNN pick the fastest algorithm for each conv.
     torch.backends.cudnn.benchmark = True
     reference = (f"Paper reference: NFNet-F0 took {PAPER_F0_STEP_MS} ms per training step of "
-                 f"{PAPER_F0_BATCH} images on one V100 in float16 (official.md §4.2, §4.4).")
+                 f"{PAPER_F0_BATCH} images on one V100 in float16 (paper Table 3).")
     print(reference)
     command = "python " + " ".join([Path(__file__).relative_to(bench.ROOT).as_posix()]
                                    + sys.argv[1:])

@@ -1,4 +1,5 @@
-"""A float64 reference of the official NF forward passes, written from official.md §2.
+"""A float64 reference of the official NF forward passes, written from deepmind-research
+nfnets/base.py and nfnet.py / nf_resnet.py / nf_regnet.py.
 
 Deliberately literal and slow: gamma multiplied after each activation, β on the activation,
 weight standardisation by the official formula, TF 'SAME' padding spelled out, average pool

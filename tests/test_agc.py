@@ -1,4 +1,7 @@
-"""Tests for nfnets.agc against a float64 transcription of the official AGC (official.md §5.5)."""
+"""Tests for nfnets.agc against a float64 transcription of the official AGC.
+
+Source: deepmind-research nfnets/optim.py: unitwise_norm, SGD_AGC.
+"""
 
 import copy
 
@@ -500,83 +503,3 @@ def test_wrapper_closure_and_deepcopy():
     clone = copy.deepcopy(opt)
     assert isinstance(clone.optimizer, torch.optim.SGD) and clone.eps == opt.eps
     assert clone.param_groups is clone.optimizer.param_groups
-
-
-# --- weight norms remembered by the WS forward -------------------------------------------------
-
-
-def ws_net(dtype: torch.dtype = torch.float64) -> nn.Module:
-    from nfnets.layers import WSConv2d
-
-    torch.manual_seed(5)
-    net = nn.Sequential(WSConv2d(3, 6, 3, activation="relu"), WSConv2d(6, 4, 1, groups=2),
-                        nn.Flatten(), nn.LazyLinear(3))
-    net(torch.randn(1, 3, 6, 6))  # materialise the lazy Linear
-    return net.to(dtype)
-
-
-def forward_backward(net: nn.Module, seed: int = 0) -> None:
-    torch.manual_seed(seed)
-    dtype = next(net.parameters()).dtype
-    net.zero_grad()
-    net(torch.randn(4, 3, 6, 6, dtype=dtype)).square().sum().backward()
-
-
-def test_ws_forward_remembers_the_weight_norms_agc_would_compute():
-    net = ws_net()
-    forward_backward(net)
-    for conv in (net[0], net[1]):
-        version, _, norms = conv.weight._agc_unit_norms
-        assert version == conv.weight._version
-        expected = torch.linalg.vector_norm(conv.weight.detach(), dim=(1, 2, 3))
-        torch.testing.assert_close(norms, expected, rtol=1e-12, atol=0)
-
-
-def test_remembered_norms_give_the_reference_clip(strategy):
-    net = ws_net()
-    forward_backward(net)
-    params = list(net.parameters())
-    expected = [reference_agc(p, p.grad, 0.001, 1e-3) for p in params]
-    stats = adaptive_clip_grad_(params, clipping=0.001)
-    for p, (g_ref, _) in zip(params, expected, strict=True):
-        torch.testing.assert_close(p.grad, g_ref, rtol=1e-10, atol=1e-15)
-    assert int(stats.clipped) == sum(c for _, c in expected) > 0
-
-
-def test_remembered_norms_are_used_once_and_only_while_the_weight_is_unchanged():
-    net = ws_net()
-    forward_backward(net)
-    weight = net[0].weight
-    grads = [p.grad.clone() for p in net.parameters()]
-
-    def poison() -> None:  # remember absurd norms: if they are used, nothing of it is clipped
-        weight._agc_unit_norms = (*weight._agc_unit_norms[:2], torch.full((6,), 1e6).double())
-
-    def reset_grads() -> None:
-        for p, g in zip(net.parameters(), grads, strict=True):
-            p.grad = g.clone()
-
-    expected = reference_agc(weight, grads[0], 0.001, 1e-3)[0]
-    assert not torch.equal(expected, grads[0])  # the true norms do clip this weight
-    poison()
-    adaptive_clip_grad_(net.parameters(), clipping=0.001)
-    torch.testing.assert_close(weight.grad, grads[0], rtol=0, atol=0)  # valid, so used
-    assert not hasattr(weight, "_agc_unit_norms")  # ... and taken
-    reset_grads()
-    adaptive_clip_grad_(net.parameters(), clipping=0.001)  # a second call computes its own
-    torch.testing.assert_close(weight.grad, expected, rtol=1e-10, atol=1e-15)
-
-    forward_backward(net)
-    poison()
-    torch.optim.SGD(net.parameters(), lr=0.0).step()  # foreach in-place update, even with lr 0
-    reset_grads()
-    adaptive_clip_grad_(net.parameters(), clipping=0.001)
-    torch.testing.assert_close(weight.grad, expected, rtol=1e-10, atol=1e-15)
-
-
-def test_low_precision_weights_are_not_remembered():
-    net = ws_net(torch.bfloat16)
-    for p in net.parameters():  # drop what the float64 forward that built the net remembered
-        p.__dict__.pop("_agc_unit_norms", None)
-    forward_backward(net)
-    assert not hasattr(net[0].weight, "_agc_unit_norms")

@@ -393,27 +393,32 @@ def test_cli_eval_json(tmp_path, capsys):
     assert status == 0 and "top-1 50.00%  top-5 100.00%" in out and "4 images at 32 px" in out
 
 
-def test_cli_eval_and_predict_with_winograd(tmp_path, capsys, monkeypatch):
-    from nfnets import winograd
+def test_cli_eval_and_predict_run_the_fused_model_and_compile_on_request(tmp_path, capsys,
+                                                                          monkeypatch):
+    from nfnets.cli import _common
+    from nfnets.inference import optimize_for_inference
 
-    used = []
-    monkeypatch.setattr(winograd, "MIN_GROUP_CHANNELS", 1)  # let the tiny model's convs in
-    monkeypatch.setattr(winograd, "MIN_TILES", 1)
-    monkeypatch.setattr(winograd, "conv3x3", lambda *a, _f=winograd.conv3x3: used.append(1)
-                        or _f(*a))
+    calls = []
+
+    def spy(model, example, *, compile):  # the real path, uncompiled (compiling is slow)
+        calls.append((compile, tuple(example.shape)))
+        return optimize_for_inference(model, example, compile=False)
+
+    monkeypatch.setattr(_common, "optimize_for_inference", spy)
     tree = image_tree(tmp_path / "data", {"a": 1, "b": 1, "c": 2})
     weights = save(tiny_model(bias=favour(2)), tmp_path / "m.safetensors")
-    status, out, err = cli(capsys, "eval", weights, "--data", tree, "--json", "--device", "cpu",
-                           "--winograd")
-    assert status == 0, err
-    result = json.loads(out)
-    assert (result["top1"], result["top5"], result["count"]) == (50.0, 100.0, 4)
-    assert used and not winograd.winograd_enabled()  # used, and switched off again
+    for flags, compile in (([], False), (["--compile"], True)):
+        status, out, err = cli(capsys, "eval", weights, "--data", tree, "--json", "--device",
+                               "cpu", "--batch-size", "3", *flags)
+        assert status == 0, err
+        result = json.loads(out)
+        assert (result["top1"], result["top5"], result["count"]) == (50.0, 100.0, 4)
+        assert calls.pop() == (compile, (3, 3, SIZE, SIZE))
     image = next((tmp_path / "data" / "val" / "c").iterdir())
-    status, out, err = cli(capsys, "predict", image, "--weights", weights, "--winograd",
+    status, out, err = cli(capsys, "predict", image, "--weights", weights, "--compile",
                            "--device", "cpu")
     assert status == 0, err
-    assert "c" in out and not winograd.winograd_enabled()
+    assert "c" in out and calls.pop() == (True, (1, 3, SIZE, SIZE))
 
 
 def test_cli_eval_digits_uses_the_runs_split(tmp_path, capsys):

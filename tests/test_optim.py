@@ -174,7 +174,7 @@ def test_param_groups_bad_input():
         param_groups(model, clipping=0.0)
 
 
-# --- the optimiser update order (official.md §5.3) ----------------------------------------------
+# --- the optimiser update order (nfnets/optim.py: SGD_AGC) ---------------------------------
 
 
 def reference_training(model, steps, peak, warmup, wd, clipping, momentum=0.9):
@@ -240,7 +240,8 @@ def test_peak_lr():
 
 
 def test_warmup_cosine_official_f0_schedule():
-    # official.md §5.1-5.2: peak 1.6, warm-up 5 epochs = 1563.9 steps, cosine to 0 at 112,602.
+    # nfnets/experiment_nfnets.py get_config, nfnets/optim.py WarmupCosineDecay:
+    # peak 1.6, warm-up 5 epochs = 1563.9 steps, cosine to 0 at 112,602.
     peak, warmup, total = 1.6, 5 * 1281167 / 4096, 1281167 * 360 // 4096
     assert total == 112602 and round(warmup, 1) == 1563.9
     lr = lambda t: warmup_cosine(t, peak, warmup, total)  # noqa: E731
@@ -320,7 +321,7 @@ def test_ema_tf1_warmup_matches_hand_formula():
             model[1].running_mean.add_(1.0)
         decays.append(ema.current_decay())
         ema.update(model)
-        d = (1 + t) / (10 + t)  # official.md §5.7: t = the step counter of this update, from 0
+        d = (1 + t) / (10 + t)  # tf1_ema: t = this update's step counter, from 0
         params = model.parameters()
         expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, params, strict=True)]
     assert decays == [(1 + t) / (10 + t) for t in range(5)] and decays[0] == 0.1

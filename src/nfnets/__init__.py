@@ -8,11 +8,10 @@ The names below are the public API. Everything else stays importable from its mo
 ``nfnets.evaluate``, ``nfnets.errors``, ...).
 """
 
-from typing import Any
-
 from .agc import AGC, adaptive_clip_grad_
 from .counting import count_flops, count_params
 from .export import export_onnx
+from .inference import optimize_for_inference
 from .models import create_model, list_models
 from .optim import EMA, param_groups, sgd_agc, warmup_cosine_lr
 from .weights import convert_official, load_model, load_pretrained, load_weights, save_weights
@@ -39,12 +38,3 @@ __all__ = [
     "warmup_cosine_lr",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # LEAD: optimize_for_inference lives in nfnets/inference.py (branch redesign-model); it is
-    # imported on first use so that `import nfnets` does not pay for torch.compile's imports.
-    if name == "optimize_for_inference":
-        from .inference import optimize_for_inference
-
-        return optimize_for_inference
-    raise AttributeError(f"module 'nfnets' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Adaptive Gradient Clipping (AGC), unit-wise, in PyTorch tensor layouts.
 
-Follows the official ``nfnets/optim.py`` (``unitwise_norm``, ``SGD_AGC``; see official.md §5.5)
+Follows the official ``nfnets/optim.py``: ``unitwise_norm``, ``SGD_AGC``
 with the Haiku axis conventions translated to PyTorch ones. Two entry points:
 
 - :func:`adaptive_clip_grad_` clips the ``.grad`` of a list of parameters in place;
@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-__all__ = ["AGC", "ClipStats", "adaptive_clip_grad_", "remember_unit_norms", "unit_count"]
+__all__ = ["AGC", "ClipStats", "adaptive_clip_grad_", "unit_count"]
 
-CLIPPING = 0.01  # λ, official.md §5.1 (nfnets/experiment_nfnets.py, get_config)
-EPS = 1e-3  # floor on the parameter norm, official.md §5.5 (nfnets/optim.py)
-GRAD_NORM_FLOOR = 1e-6  # floor on the gradient norm, official.md §5.5 (nfnets/optim.py)
+CLIPPING = 0.01  # λ, deepmind-research nfnets/experiment_nfnets.py: get_config
+EPS = 1e-3  # floor on the parameter norm, deepmind-research nfnets/optim.py
+GRAD_NORM_FLOOR = 1e-6  # floor on the gradient norm, deepmind-research nfnets/optim.py
 
 # Devices whose foreach ops loop over the tensors anyway (no fused multi-tensor kernels): there
 # each multi-unit gradient is rescaled right after its norms are taken, while it is still in
@@ -50,7 +50,8 @@ class ClipStats(NamedTuple):
 
 def _is_one_unit(shape: torch.Size) -> bool:
     # The official squeeze rule: a tensor with at most one non-singleton dim (scalar, vector,
-    # Linear (out, 1), conv (out, 1, 1, 1)) is one unit, whatever its rank (official.md §5.5).
+    # Linear (out, 1), conv (out, 1, 1, 1)) is one unit, whatever its rank
+    # (nfnets/optim.py: unitwise_norm).
     return sum(size != 1 for size in shape) <= 1
 
 
@@ -92,50 +93,19 @@ def _params_with_grad(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list
     return with_grad
 
 
-def remember_unit_norms(param: torch.Tensor, norms: torch.Tensor) -> None:
-    """Hand the next AGC call the unit norms ``||W_i||`` of ``param``, computed elsewhere.
-
-    Weight standardisation already reduces every output channel of a conv weight in the forward
-    pass (``||w_o||² = N·var_o + N·mean_o²``), so :class:`nfnets.layers.WSConv2d` records them
-    here and AGC does not read the weight again: one pass over the weights fewer per step. The
-    next AGC call that clips ``param`` takes them (once) if ``param`` is unchanged since: the
-    same version counter (every in-place update, optimiser steps included, moves it) and the
-    same storage; otherwise it computes the norms itself.
-    """
-    param._agc_unit_norms = (param._version, param.data_ptr(), norms.detach().reshape(-1))
-
-
-def _take_remembered_norms(param: torch.Tensor, units: int, dtype: torch.dtype
-                           ) -> torch.Tensor | None:
-    if torch.compiler.is_compiling():
-        return None
-    known = param.__dict__.pop("_agc_unit_norms", None)
-    if known is None:
-        return None
-    version, data_ptr, norms = known
-    if (version != param._version or data_ptr != param.data_ptr() or norms.numel() != units
-            or norms.dtype != dtype or norms.device != param.device):
-        return None
-    return norms
-
-
-def _unit_norms(tensors: list[torch.Tensor], n_whole: int, dtype: torch.dtype,
-                known: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+def _unit_norms(tensors: list[torch.Tensor], n_whole: int, dtype: torch.dtype) -> torch.Tensor:
     """Norms of all units, flattened: the first ``n_whole`` tensors are one unit each, the rest
     are reduced over every dim but dim 0 (PyTorch keeps output units on dim 0: conv OIHW,
-    Linear (out, in)). ``known`` gives already computed norms for some of the rest."""
+    Linear (out, in))."""
     pieces = []
     if n_whole:
         # One multi-tensor kernel for every whole-tensor unit.
         pieces.append(torch.stack(torch._foreach_norm(tensors[:n_whole], 2, dtype=dtype)))
-    known = known or [None] * len(tensors)
     # No foreach op reduces over some dims only, so per-output-unit norms take one batched
     # reduction per tensor; reducing over dims (not a flattened copy) also keeps channels_last
     # tensors copy-free.
-    pieces += [
-        torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=dtype) if k is None else k
-        for t, k in zip(tensors[n_whole:], known[n_whole:], strict=True)
-    ]
+    pieces += [torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=dtype)
+               for t in tensors[n_whole:]]
     return torch.cat(pieces)
 
 
@@ -146,13 +116,10 @@ def _clip_group(params: list[torch.Tensor], clipping: float, eps: float) -> torc
     n_whole = sum(_is_one_unit(p.shape) for p in params)
     # Norms in at least float32: a bf16/fp16 sum of squares loses precision or overflows.
     norm_dtype = torch.promote_types(params[0].dtype, torch.float32)
-    known = [None if i < n_whole else _take_remembered_norms(p, p.shape[0], norm_dtype)
-             for i, p in enumerate(params)]
     if params[0].device.type not in _PER_TENSOR_DEVICES:
-        return _clip_batch(params, n_whole, known, clipping, eps, norm_dtype)
-    counts = [_clip_batch(params[:n_whole], n_whole, known[:n_whole], clipping, eps, norm_dtype)]
-    counts += [_clip_units(p, k, clipping, eps, norm_dtype)
-               for p, k in zip(params[n_whole:], known[n_whole:], strict=True)]
+        return _clip_batch(params, n_whole, clipping, eps, norm_dtype)
+    counts = [_clip_batch(params[:n_whole], n_whole, clipping, eps, norm_dtype)]
+    counts += [_clip_units(p, clipping, eps, norm_dtype) for p in params[n_whole:]]
     return torch.stack(counts).sum()
 
 
@@ -164,14 +131,14 @@ def _clip_scale(max_norm: torch.Tensor, grad_norm: torch.Tensor
     return clip, torch.where(clip, max_norm / grad_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
 
 
-def _clip_batch(params: list[torch.Tensor], n_whole: int, known: list[torch.Tensor | None],
-                clipping: float, eps: float, norm_dtype: torch.dtype) -> torch.Tensor:
+def _clip_batch(params: list[torch.Tensor], n_whole: int, clipping: float, eps: float,
+                norm_dtype: torch.dtype) -> torch.Tensor:
     """Clip ``params`` (whole-tensor units first) with multi-tensor kernels; count clips."""
     if not params:
         return torch.zeros((), dtype=torch.int64)
     weights = [p.detach() for p in params]
     grads = [p.grad for p in params]
-    max_norm = _unit_norms(weights, n_whole, norm_dtype, known).clamp_min_(eps).mul_(clipping)
+    max_norm = _unit_norms(weights, n_whole, norm_dtype).clamp_min_(eps).mul_(clipping)
     clip, scale = _clip_scale(max_norm, _unit_norms(grads, n_whole, norm_dtype))
     # Views of `scale` that broadcast against each gradient; the multiply keeps the float32
     # scale (an fp16 scale of 1e-6 would be subnormal) and rounds once into the grad dtype.
@@ -184,14 +151,13 @@ def _clip_batch(params: list[torch.Tensor], n_whole: int, known: list[torch.Tens
     return clip.sum()
 
 
-def _clip_units(param: torch.Tensor, known: torch.Tensor | None, clipping: float, eps: float,
-                norm_dtype: torch.dtype) -> torch.Tensor:
+def _clip_units(param: torch.Tensor, clipping: float, eps: float, norm_dtype: torch.dtype
+                ) -> torch.Tensor:
     """Clip one multi-unit parameter (units along dim 0); count clips."""
     grad = param.grad
     dims = tuple(range(1, grad.ndim))
-    if known is None:
-        known = torch.linalg.vector_norm(param.detach(), dim=dims, dtype=norm_dtype)
-    max_norm = known.clamp_min(eps).mul_(clipping)
+    weight_norm = torch.linalg.vector_norm(param.detach(), dim=dims, dtype=norm_dtype)
+    max_norm = weight_norm.clamp_min_(eps).mul_(clipping)
     clip, scale = _clip_scale(max_norm, torch.linalg.vector_norm(grad, dim=dims,
                                                                  dtype=norm_dtype))
     grad.mul_(scale.view(-1, *([1] * len(dims))))

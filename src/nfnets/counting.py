@@ -1,4 +1,5 @@
-"""Parameter and FLOP counts with the official convention (official.md §4.1).
+"""Parameter and FLOP counts with the official convention
+(deepmind-research nfnets/base.py: count_conv_flops).
 
 FLOPs are multiply-accumulates of every conv and linear (SE FCs and the classifier included)
 at the given input size — no factor 2, no biases, activations, pooling or WS. The published

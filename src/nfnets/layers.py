@@ -1,19 +1,18 @@
 """Reusable layers of Normalizer-Free Networks, exact to DeepMind's official code.
 
-Mirrors ``nfnets/base.py`` of google-deepmind/deepmind-research (see
-``shared/reference/official.md`` §2.6–§2.12). Layers know nothing about models.
+Mirrors deepmind-research ``nfnets/base.py`` (``WSConv2D``, ``SqueezeExcite``, ``StochDepth``,
+``nonlinearities``) in plain PyTorch: nothing here depends on the device or on whether
+autograd is on. Layers know nothing about models. Fast inference is one step away, in
+:mod:`nfnets.inference` (``model.fuse()`` and then ``torch.compile``).
 
-Two deliberate implementation choices keep the maths of the official code but do less work:
+Two implementation choices keep the maths of the official code but do less work:
 
 * The constant factors that the official code multiplies into activations (the activation
-  gamma and the block's beta) are folded into the *next* convolution's weight scale
-  (``WSConv2d(input_scale=...)``): conv(c·a, ŵ) = conv(a, c·ŵ) because convolution, zero
-  padding and average pooling are linear. This saves one full pass over every activation.
-* Scaled weight standardisation is one ``var_mean`` reduction plus one ``addcmul`` over the
-  weight; in eval mode without autograd the standardised weight is cached until a parameter
-  changes (``WSConv2d.fuse`` turns it into a plain conv for deployment).
-* A conv that is followed by a nonlinearity owns it (``activation=``), so that CPU inference can
-  run both as one oneDNN call on pre-packed weights (see :func:`onednn_inference`).
+  gamma and the block's beta) are folded into the *next* convolution's weight
+  (``WSConv2d(input_scale=...)``): conv(c·a, ŵ) = conv(a, c·ŵ), because convolution, zero
+  padding and average pooling are linear. This is an exact re-association that saves one
+  full pass over every activation; ``tests/reference.py`` (which multiplies literally) checks it.
+* Scaled weight standardisation has a closed-form backward (:class:`_StandardizeWeight`).
 """
 
 from __future__ import annotations
@@ -25,10 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import winograd
-from .agc import remember_unit_norms
-from .padding import pad2d
-
 __all__ = [
     "ACTIVATION_GAMMAS",
     "Conv2dSame",
@@ -38,11 +33,8 @@ __all__ = [
     "WSConv2d",
     "activation_fn",
     "avg_pool_same",
-    "capturing_graph",
     "conv2d_same",
-    "eager_inference",
     "max_pool_same",
-    "onednn_inference",
     "pad_same",
     "same_padding",
 ]
@@ -78,19 +70,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# 2·sqrt(2/π) and 2·sqrt(2/π)·0.044715: 0.5·(1 + tanh(u)) = sigmoid(2u) for the tanh GELU's
-# u = sqrt(2/π)·(x + 0.044715·x³).
-_GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
-_GELU_2C3 = _GELU_2C * 0.044715
-
-
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.float32 and x.device.type == "cpu" and eager_inference():
-        # The same function as x·sigmoid(2u): PyTorch's CPU sigmoid is ~4x cheaper than its
-        # tanh, so these six in-place passes take 20-45 % less time than
-        # F.gelu(approximate="tanh") (less on maps too big for the cache) at the same float32
-        # accuracy (tests compare both). No autograd here, so no saved tensors to worry about.
-        return torch.square(x).mul_(_GELU_2C3).add_(_GELU_2C).mul_(x).sigmoid_().mul_(x)
     return F.gelu(x, approximate="tanh")
 
 
@@ -155,7 +135,8 @@ class GammaAct(nn.Module):
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow 'SAME' padding (before, after) of one spatial dim; the extra pixel goes after.
 
-    official.md §2.12: out = ceil(n/s); total = max((out-1)·s + k - n, 0); before = total // 2.
+    TensorFlow's rule: out = ceil(n/s); total = max((out-1)·s + k - n, 0);
+    before = total // 2.
     """
     # ceil(n/s) written with non-negative operands: when ONNX export traces the shapes, `//`
     # becomes ONNX's truncating Div, which differs from floor division on negative numbers.
@@ -171,14 +152,6 @@ def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
     left, right = same_padding(x.shape[-1], kernel[1], stride[1])
     if top == bottom == left == right == 0:
         return x
-    return _pad(x, left, right, top, bottom, value)
-
-
-def _pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int,
-         value: float = 0.0) -> torch.Tensor:
-    """Constant padding: one pass in eager inference (``pad2d``), else ``F.pad``."""
-    if eager_inference():
-        return pad2d(x, left, right, top, bottom, value)
     return F.pad(x, (left, right, top, bottom), value=value)
 
 
@@ -188,38 +161,8 @@ def avg_pool_same(x: torch.Tensor) -> torch.Tensor:
     Haiku's SAME average pool divides each window by its number of valid pixels. Padding is
     only ever needed after the last row/column (odd sizes); ``ceil_mode`` makes PyTorch clip
     that last window and divide by its clipped size, which is the same thing without a pad.
-    Even-sized NCHW maps take :class:`_AvgPool2x2` instead (same values, faster).
     """
-    if (x.ndim == 4 and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0 and x.is_contiguous()
-            and x.is_floating_point() and not capturing_graph()):
-        return _AvgPool2x2.apply(x)
     return F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
-
-
-class _AvgPool2x2(torch.autograd.Function):
-    """2×2 stride-2 mean of an even-sized NCHW map as two strided adds.
-
-    PyTorch's NCHW CPU ``avg_pool2d`` walks every window with scalar code: 8.5 ms forward and
-    18 ms forward + backward on F0's 8×256×48×48 transition input, against 1.6 and 9.5 ms here
-    (bfloat16: 24 → 11 ms forward + backward). Its channels-last kernel is fast, but training
-    runs NCHW. Sums are taken in float32 at least and rounded once, as the library kernel does.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.input_shape = x.shape
-        left = x[..., 0::2]
-        if x.element_size() < 4:
-            left = left.float()
-        pairs = left + x[..., 1::2]  # adjacent columns
-        pooled = torch.add(pairs[..., 0::2, :], pairs[..., 1::2, :]).mul_(0.25)  # rows
-        return pooled.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = ctx.input_shape
-        quarter = (grad * 0.25)[:, :, :, None, :, None]
-        return quarter.expand(n, c, h // 2, 2, w // 2, 2).reshape(n, c, h, w)
 
 
 def max_pool_same(x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +178,7 @@ def _pad_for_conv(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, .
     left, right = same_padding(x.shape[-1], kernel[1], stride[1])
     if top == bottom and left == right:
         return x, (top, left)
-    return _pad(x, left, right, top, bottom), (0, 0)
+    return F.pad(x, (left, right, top, bottom)), (0, 0)
 
 
 def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -249,101 +192,12 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.conv2d(x, weight, bias, stride, padding, 1, groups)
 
 
-# oneDNN post-op (attr, scalars, algorithm) of each nonlinearity it can fuse into a conv, with
-# the same semantics as `_ACTIVATIONS`; the others run as a separate op after the conv.
-_ONEDNN_POST_OPS: dict[str, tuple[str, list[float], str]] = {
-    "gelu": ("gelu", [], "tanh"),
-    "leaky_relu": ("leaky_relu", [0.01], ""),
-    "relu": ("relu", [], ""),
-    "relu6": ("hardtanh", [0.0, 6.0], ""),
-    "sigmoid": ("sigmoid", [], ""),
-    "silu": ("swish", [], ""),
-    "tanh": ("tanh", [], ""),
-}
-_ONEDNN_OPS = getattr(torch.ops, "mkldnn", None)
-_HAS_ONEDNN_CONV = (torch.backends.mkldnn.is_available()
-                    and hasattr(_ONEDNN_OPS, "_convolution_pointwise")
-                    and hasattr(_ONEDNN_OPS, "_reorder_convolution_weight"))
-
-
-def _onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype a oneDNN inference conv on ``x`` would run in, or None if it cannot run."""
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if dtype == torch.float32:
-        return dtype
-    if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return dtype
-    return None
-
-
-def capturing_graph() -> bool:
-    """Whether ``torch.compile``, tracing or ONNX export is recording the running code (which
-    then must keep to static shapes and ops that every backend knows)."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export())
-
-
-def eager_inference() -> bool:
-    """Autograd is off and no graph is being captured: the state in which inference may reuse
-    buffers in place and call eager-only kernels."""
-    return not (torch.is_grad_enabled() or capturing_graph())
-
-
-def onednn_inference(x: torch.Tensor) -> bool:
-    """Whether convs on ``x`` take the CPU inference path (oneDNN, pre-packed, fused activation).
-
-    It applies in :func:`eager_inference` on the CPU, in float32 or bfloat16 (also under CPU
-    autocast), when oneDNN is built in and enabled (``torch.backends.mkldnn.flags``). So it is
-    skipped under ``torch.compile`` (Inductor pre-packs by itself when freezing), tracing and
-    ONNX export. The op is PyTorch's own (``torch.ops.mkldnn._convolution_pointwise``, which
-    Inductor emits for CPU convs); tests check it against ``F.conv2d`` for every activation.
-    """
-    return (
-        _HAS_ONEDNN_CONV
-        and x.device.type == "cpu"
-        and torch.backends.mkldnn.enabled
-        and eager_inference()
-        and _onednn_dtype(x) is not None
-    )
-
-
-class _WeightCache:
-    """One derived weight and the key it was made for; recomputed when the key changes.
-
-    The value may be an opaque oneDNN tensor, which can be neither copied nor pickled, so
-    copies and unpickled modules start with an empty cache.
-    """
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.value: torch.Tensor | None = None
-
-    def get(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if key != self.key:
-            self.value, self.key = None, None  # free the old value before making the new one
-            self.value, self.key = make(), key
-        return self.value
-
-    def clear(self) -> None:
-        self.key = self.value = None
-
-    def __deepcopy__(self, memo: dict) -> _WeightCache:
-        return _WeightCache()
-
-    def __reduce__(self) -> tuple:
-        return _WeightCache, ()
-
-
 class Conv2dSame(nn.Conv2d):
     """Conv2d with TensorFlow 'SAME' padding, a bias and an optional nonlinearity after it.
 
     ``activation`` names the plain (un-scaled) nonlinearity of the official table applied to the
     output; its gamma belongs to the next conv's ``input_scale``. This is what
-    ``WSConv2d.fuse`` returns. In CPU inference (:func:`onednn_inference`) the weight is
-    pre-packed once for oneDNN (cached until it changes) and the nonlinearity runs inside the
-    conv; inputs in channels-last layout are fastest there.
+    :meth:`WSConv2d.fuse` returns.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
@@ -353,70 +207,14 @@ class Conv2dSame(nn.Conv2d):
                          groups=groups, bias=True, **factory)
         self.activation = activation
         self.act = None if activation is None else activation_fn(activation)
-        self._packed = _WeightCache()
-        self._winograd = _WeightCache()
 
     def conv_weight(self) -> torch.Tensor:
         """The weight the convolution uses."""
         return self.weight
 
-    def _forward_weight(self) -> torch.Tensor:
-        return self.conv_weight()
-
-    def _weight_key(self) -> tuple:
-        w = self.weight
-        return (w._version, w.data_ptr(), w.dtype, w.device)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Wrong shapes or (without autocast) dtypes go to F.conv2d, which explains the problem;
-        # oneDNN would only say it "could not create a primitive descriptor".
-        if (onednn_inference(x) and x.ndim == 4 and x.shape[1] == self.in_channels
-                and (x.dtype == self.weight.dtype or torch.is_autocast_enabled("cpu"))):
-            return self._forward_onednn(x)
-        y = conv2d_same(x, self._forward_weight(), self.bias, self.stride, self.groups)
+        y = conv2d_same(x, self.conv_weight(), self.bias, self.stride, self.groups)
         return y if self.act is None else self.act(y)
-
-    def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _onednn_dtype(x)
-        x = x.to(dtype)
-        # The oneDNN op reads the raw buffer: it needs a dense NCHW or NHWC input, not a view.
-        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-            x = x.contiguous()
-        if winograd.applies(x, self.weight.shape, self.stride, self.groups):
-            return self._forward_winograd(x)
-        x, padding = _pad_for_conv(x, self.kernel_size, self.stride)
-        padding, stride = list(padding), list(self.stride)
-        # oneDNN picks the packed layout for an input shape (a mismatch costs a reorder per
-        # call, 2x on 1x1 convs); any batch size runs fast with it.
-        key = self._weight_key() + (dtype, tuple(x.shape[1:]))
-        packed = self._packed.get(key, lambda: torch.ops.mkldnn._reorder_convolution_weight(
-            self.conv_weight().detach().to(dtype), padding, stride, [1, 1], self.groups,
-            list(x.shape)))
-        attr, scalars, algorithm = _ONEDNN_POST_OPS.get(self.activation, ("none", [], ""))
-        y = torch.ops.mkldnn._convolution_pointwise(
-            x, packed, self.bias.detach().to(dtype), padding, stride, [1, 1], self.groups,
-            attr, scalars, algorithm)
-        if self.act is not None and self.activation not in _ONEDNN_POST_OPS:
-            y = self.act(y)
-        return y
-
-    def _forward_winograd(self, x: torch.Tensor) -> torch.Tensor:
-        weights = self._winograd.get(self._weight_key(), lambda: winograd.PackedWeights(
-            lambda: winograd.transform_weight(self.conv_weight().detach()),
-            self.out_channels, self.in_channels, self.groups))
-        y = winograd.conv3x3(x, weights, self.bias.detach())
-        return y if self.act is None else self.act(y)
-
-    def clear_cache(self) -> None:
-        """Drop cached inference weights (needed only after changing parameters via ``.data``)."""
-        self._packed.clear()
-        self._winograd.clear()
-
-    def _apply(self, fn, *args, **kwargs):
-        # .to(), .cuda(), .double(), ... make new parameters: free the caches of the old ones
-        # now rather than at the next inference call (which may never come on this device).
-        self.clear_cache()
-        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation}"
@@ -430,15 +228,12 @@ class WSConv2d(Conv2dSame):
 
         ŵ_o = (w_o - mean_o) · gain_o · input_scale / sqrt(max(N · var_o, eps))
 
-    ``eps`` (1e-4) is a floor on N·var, not an addend (nfnets/base.py). The bias is always
-    present. ``input_scale`` is a constant the official code multiplies into this conv's input
-    (the previous activation's gamma, the block's beta); folding it into ŵ is exact.
-    Padding is TensorFlow 'SAME'; ``activation`` is applied to the output (see
-    :class:`Conv2dSame`). Weights are initialised N(0, 1/fan_in), gains 1, biases 0.
-
-    In eval mode with autograd off, ŵ is cached and recomputed only when the weight or gain
-    changes (tracked by their version counters) or the module returns to training.
-    Parameters changed through ``.data`` bypass the version counters: call ``clear_cache()``.
+    ``eps`` (1e-4) is a floor on N·var, not an addend (deepmind-research nfnets/base.py:
+    WSConv2D). The bias is always present. ``input_scale`` is a constant the official code
+    multiplies into this conv's input (the previous activation's gamma, the block's beta);
+    folding it into ŵ is exact. Padding is TensorFlow 'SAME'; ``activation`` is applied to the
+    output (see :class:`Conv2dSame`). Weights are initialised N(0, 1/fan_in), gains 1, biases 0.
+    ŵ is computed on every call; :meth:`fuse` bakes it into a plain conv for inference.
     """
 
     def __init__(
@@ -460,7 +255,6 @@ class WSConv2d(Conv2dSame):
         self.input_scale = float(input_scale)
         self.eps = eps
         self.fan_in = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
-        self._standardized = _WeightCache()
 
     def reset_parameters(self) -> None:
         """N(0, 1/fan_in) weights (Haiku VarianceScaling(1, fan_in, normal)), zero bias."""
@@ -474,37 +268,11 @@ class WSConv2d(Conv2dSame):
         The backward is the closed form of :class:`_StandardizeWeight` (first-order only:
         differentiating twice through it raises an error).
         """
-        weight, mean, d = _StandardizeWeight.apply(self.weight, self.gain, self.input_scale,
-                                                   self.eps)
-        if (self.weight.dtype in (torch.float32, torch.float64)
-                and not torch.compiler.is_compiling()):
-            # ||w_o||² = N·var_o + N·mean_o²: AGC's weight norms for free (float32 or wider,
-            # as AGC takes them).
-            remember_unit_norms(self.weight, torch.sqrt(d + self.fan_in * mean.square()))
-        return weight
-
-    def clear_cache(self) -> None:
-        """Drop the cached eval-mode weights."""
-        super().clear_cache()
-        self._standardized.clear()
-
-    def train(self, mode: bool = True) -> WSConv2d:
-        self.clear_cache()
-        return super().train(mode)
-
-    def _weight_key(self) -> tuple:
-        w, g = self.weight, self.gain
-        return (w._version, g._version, w.data_ptr(), g.data_ptr(), w.dtype, w.device)
+        return _StandardizeWeight.apply(self.weight, self.gain, self.input_scale, self.eps)[0]
 
     def conv_weight(self) -> torch.Tensor:
         """ŵ, the standardised weight the convolution uses."""
         return self.standardized_weight()
-
-    def _forward_weight(self) -> torch.Tensor:
-        # Cached only where nothing can differentiate through it or change it unseen.
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.standardized_weight()
-        return self._standardized.get(self._weight_key(), self.standardized_weight)
 
     @torch.no_grad()
     def fuse(self) -> Conv2dSame:
@@ -525,12 +293,12 @@ class _StandardizeWeight(torch.autograd.Function):
 
     Forward (the classic two-pass variance): mean, the centred weight, its sum of squares
     d = N·var and an in-place scale of the centred copy. ``torch.var_mean`` would read the
-    weight once, but its CPU Welford kernel is slow: a var_mean + addcmul forward took 0.30 s
-    for all NFNet-F0 weights on one thread, these four vectorised passes 0.033 s.
+    weight once, but its CPU Welford kernel is several times slower than these four
+    vectorised passes (docs/performance.md).
 
     Backward: autograd's generic graph of the plain formula runs about ten weight-sized
     kernels (and sums three paths into w.grad); the closed form below runs five and is the
-    exact derivative of the forward (F0, one thread, with the forward: 0.55 s → 0.15 s).
+    exact derivative of the forward, several times faster (docs/performance.md).
     Per output channel, with G = ∂L/∂ŵ, r = max(d, eps)^-½, S1 = ΣG and S2 = ΣG·(w - mean):
 
         ∂L/∂gain = c·r·S2
@@ -538,8 +306,8 @@ class _StandardizeWeight(torch.autograd.Function):
 
     The last term is the path through d (∂d/∂w = 2(w - mean); the mean's share sums to
     zero); like ``torch.clamp``'s gradient it is cut where the eps floor is active.
-    Forward also returns the mean and d (non-differentiable): backward needs them, and AGC
-    takes the weight's unit norms ||w_o|| = sqrt(d + N·mean²) from them.
+    Forward also returns the mean and d (non-differentiable outputs, because ``setup_context``
+    can save only inputs and outputs): backward needs them.
     """
 
     @staticmethod

@@ -1,7 +1,8 @@
 """The official NFNet optimisation recipe: parameter groups, SGD + AGC, LR schedule, EMA.
 
 Mirrors ``nfnets/experiment_nfnets.py`` (``_make_opt``, ``get_config``), ``nfnets/optim.py``
-(``SGD_AGC``, ``WarmupCosineDecay``) and ``nfnets/utils.py`` (``tf1_ema``); see official.md
+(``SGD_AGC``, ``WarmupCosineDecay``) and ``nfnets/utils.py`` (``tf1_ema``) of
+google-deepmind/deepmind-research; docs/agc.md and docs/training.md describe the recipe.
 §5.1-§5.7. A training step with the recipe::
 
     opt = sgd_agc(model, lr=peak_lr(batch_size))
@@ -42,14 +43,14 @@ __all__ = [
     "warmup_cosine_lr",
 ]
 
-WEIGHT_DECAY = 2e-5  # official.md §5.1 (nfnets/experiment_nfnets.py, get_config)
-MOMENTUM = 0.9  # Nesterov momentum, official.md §5.1
-BASE_LR = 0.1  # per 256 images, official.md §5.1 (paper §6.1 / A.1)
-BASE_BATCH = 256  # the batch size BASE_LR refers to, official.md §5.1
-EMA_DECAY = 0.99999  # official.md §5.1 (nfnets/experiment_nfnets.py, get_config)
+WEIGHT_DECAY = 2e-5  # deepmind-research nfnets/experiment_nfnets.py: get_config
+MOMENTUM = 0.9  # Nesterov momentum, nfnets/experiment_nfnets.py: get_config
+BASE_LR = 0.1  # per 256 images, nfnets/experiment_nfnets.py: get_config (paper §6.1, App. A.1)
+BASE_BATCH = 256  # the batch size BASE_LR refers to (nfnets/experiment_nfnets.py)
+EMA_DECAY = 0.99999  # deepmind-research nfnets/experiment_nfnets.py: get_config
 
 # Haiku names of norm-layer scales/offsets and of the Linear bias: no weight decay
-# (official.md §5.4, nfnets/experiment_nfnets.py _make_opt).
+# (deepmind-research nfnets/experiment_nfnets.py: _make_opt).
 _NO_DECAY_NAMES = {"scale", "offset", "b"}
 # PyTorch spells Haiku's norm-layer "scale" as `weight`, so such layers are recognised by type
 # (_NormBase covers the BatchNorm and InstanceNorm classes; RMSNorm exists from torch 2.4).
@@ -61,7 +62,7 @@ _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + (
 def _no_decay(name: str, module: nn.Module) -> bool:
     # Official predicate on the parameter's own name (not its module path): 'gain' or 'bias'
     # in it (WS gains and biases, skip_gain, Linear biases) or a Haiku scale/offset/b name
-    # (official.md §5.4).
+    # (nfnets/experiment_nfnets.py: _make_opt).
     return (
         "gain" in name
         or "bias" in name
@@ -115,7 +116,8 @@ def _resolve_exclusions(model: nn.Module, exclude: Iterable[Any] | None) -> set[
 
 
 def _classifier_weight(model: nn.Module) -> torch.Tensor | None:
-    # Found through the model's own API, never by parameter order (peers.md §6).
+    # Found through the model's own API, never by parameter order
+    # (timm's train.py skips "the last two" parameters, which breaks when the head changes).
     get_classifier = getattr(model, "get_classifier", None)
     if get_classifier is None:
         return None
@@ -193,7 +195,8 @@ def sgd_agc(
 ) -> AGC:
     """The official optimiser: AGC, then SGD with Nesterov momentum and coupled weight decay.
 
-    Per parameter (official.md §5.3): ``g = AGC(g)``; ``g += wd * p``; ``buf = m * buf + g``;
+    Per parameter (nfnets/optim.py: SGD_AGC): ``g = AGC(g)``; ``g += wd * p``;
+    ``buf = m * buf + g``;
     ``p -= lr * (g + m * buf)``. ``torch.optim.SGD(nesterov=True)`` applies weight decay, then
     momentum, exactly in this order once AGC has run before it. Groups come from
     :func:`param_groups`; set the LR per iteration with :func:`warmup_cosine_lr`.
@@ -219,7 +222,7 @@ def warmup_cosine(
 ) -> float:
     """Learning rate at ``step``: linear warm-up from 0, then cosine decay to ``end``.
 
-    Exactly ``WarmupCosineDecay`` of the official ``nfnets/optim.py`` (official.md §5.2)::
+    Exactly ``WarmupCosineDecay`` of the official ``nfnets/optim.py`` (deepmind-research)::
 
         lr(t) = peak * t / W                                          for t <= W
         lr(t) = end + 0.5 * (peak - end) * (1 + cos(pi * (t - W) / (T - W)))   otherwise
@@ -292,7 +295,8 @@ class EMA:
     After each optimiser step call :meth:`update`; the ``t``-th call (``t`` = 0, 1, ...: the
     number of earlier updates, i.e. the official step counter of the update just made) uses
     ``d = min(decay, (1 + t) / (10 + t))`` and sets ``ema = d * ema + (1 - d) * param``
-    (official.md §5.7, ``nfnets/utils.py`` tf1_ema). Buffers are copied as they are.
+    (deepmind-research ``nfnets/utils.py``: tf1_ema; paper App. A.1). Buffers are copied as
+    they are.
 
     ``ema.module`` is a full copy of the model (in eval mode, no gradients) for evaluation;
     :meth:`state_dict` / :meth:`load_state_dict` carry it with the update counter.

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from torch import nn
 
 from ..errors import UsageError
+from ..inference import optimize_for_inference
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,9 +21,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--winograd", action="store_true",
-                        help="CPU: run stride-1 3x3 convs as Winograd F(4x4,3x3), ~10%% faster "
-                        "on NFNet-F0 for ~1e-5 relative error per conv (see docs/performance.md)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the fused model first (nfnets.optimize_for_inference):"
+                        " faster per image, but compiling takes a minute or more, so it pays "
+                        "only on many images (see docs/performance.md)")
+
+
+def prepare_model(model: nn.Module, device: torch.device, batch_size: int, image_size: int,
+                  compile: bool) -> nn.Module:
+    """``model`` on ``device`` through the one inference path, ``optimize_for_inference``:
+    fused, and compiled for a (batch_size, C, image_size, image_size) batch if asked."""
+    model = model.to(device)
+    example = torch.zeros(batch_size, model.in_chans, image_size, image_size, device=device)
+    return optimize_for_inference(model, example, compile=compile)
 
 
 def resolve_device(name: str) -> torch.device:

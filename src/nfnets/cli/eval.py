@@ -13,8 +13,7 @@ from ..data import EvalTransform, ImageFolderDataset, digits_datasets, eval_load
 from ..errors import UsageError
 from ..evaluate import DEFAULT_EVAL_BATCH, evaluate
 from ..weights import imagenet_classes, load_model
-from ..winograd import use_winograd
-from ._common import add_model_arguments, positive, resolve_device
+from ._common import add_model_arguments, positive, prepare_model, resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     _check_classes(dataset.classes, model, info, where)
     loader = eval_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                          pin_memory=device.type == "cuda")
-    with use_winograd(args.winograd):
-        metrics = evaluate(model.to(device), loader, device)
+    model = prepare_model(model, device, args.batch_size, image_size, args.compile)
+    metrics = evaluate(model, loader, device)
     result = {**metrics, "model": info["model_name"], "source": info["source"],
               "ema": info["ema"], "image_size": image_size, "data": where}
     if args.json:

@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from torch import Tensor
 
 from ..errors import DataError
-from ..evaluate import DEFAULT_TOP_K, _class_names, _top_k, preprocess_image
+from ..evaluate import DEFAULT_EVAL_BATCH, DEFAULT_TOP_K, _class_names, _top_k, preprocess_image
 from ..weights import load_model
-from ..winograd import use_winograd
-from ._common import add_model_arguments, positive, resolve_device
+from ._common import add_model_arguments, positive, prepare_model, resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
     positive(args.top_k, "--top-k")
     device = resolve_device(args.device)
     model, info = load_model(args.weights, model_name=args.model, ema=args.ema)
-    model.to(device)
     image_size = args.image_size or info["test_size"]
     crop = info["data"] != "digits"  # the digits demo evaluates whole images (data.py)
     names = _class_names(info["classes"], model.num_classes)
+    model = prepare_model(model, device, min(len(args.images), DEFAULT_EVAL_BATCH), image_size,
+                          args.compile)
     readable: list[str] = []
     errors: dict[str, str] = {}
 
@@ -70,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
             readable.append(image)
             yield tensor
 
-    with use_winograd(args.winograd):  # the list fills readable and errors
-        results = list(_top_k(model, inputs(), args.top_k, device))
+    results = list(_top_k(model, inputs(), args.top_k, device))  # fills readable and errors
     predictions = dict(zip(readable, results, strict=True))
     _print_predictions(args.images, predictions, errors, names, args.json)
     return 2 if errors else 0

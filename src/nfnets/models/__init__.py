@@ -89,7 +89,8 @@ def model_defaults(name: str) -> dict:
                 "ra_level": row.ra_level, "drop_rate": row.drop_rate}
     if entry.family == "nf_regnet":
         row = NF_REGNET_VARIANTS[entry.variant]
-        # NF-RegNets were trained with MixUp+CutMix and no RandAugment (official.md §5.11).
+        # NF-RegNets were trained with MixUp+CutMix and no RandAugment
+        # (the official NF-RegNet training configuration).
         return {"family": "nf_regnet", "train_size": row.train_size,
                 "test_size": row.test_size, "ra_level": None, "drop_rate": row.drop_rate}
     return {"family": "nf_resnet", "train_size": NF_RESNET_IMAGE_SIZE,

@@ -1,7 +1,8 @@
 """What every NF model family shares: the residual merge, the head, the model API, metrics.
 
 Every family (NFNet, NF-ResNet, NF-RegNet) is ``stem → blocks → final_conv → act → pool →
-dropout → fc``, with residual blocks ``h + α · skip_gain · f(act(h) · β)`` (official.md §2).
+dropout → fc``, with residual blocks ``h + α · skip_gain · f(act(h) · β)`` (deepmind-research
+nfnets/base.py, nfnets/nfnet.py).
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ from ..layers import (
     WSConv2d,
     activation_fn,
     avg_pool_same,
-    capturing_graph,
-    eager_inference,
-    onednn_inference,
 )
 
 
@@ -49,8 +47,9 @@ def stage_schedule(depths: list[int], alpha: float, stochdepth_rate: float
                    ) -> list[tuple[int, int, float, float]]:
     """(stage, index in stage, β, drop-path rate) for every block, as the official body loop.
 
-    official.md §2.3: β = 1/expected_std taken before the reset; the expected std resets to 1
-    after a stage's first block and then grows by α² per block; rate = stochdepth · idx / N.
+    As the official model constructors: β = 1/expected_std taken before the reset; the
+    expected std resets to 1 after a stage's first block and then grows by α² per block;
+    rate = stochdepth · idx / N.
     """
     num_blocks = sum(depths)
     expected_std = 1.0
@@ -109,22 +108,13 @@ class NFResidualBlock(nn.Module):
     def merge(self, shortcut: torch.Tensor, r: torch.Tensor, gate: torch.Tensor | None,
               mask: torch.Tensor | None = None) -> torch.Tensor:
         """shortcut + α · skip_gain · mask · gate · r, for a (B, 1, 1, 1) stochastic-depth
-        ``mask`` (None: keep every sample).
-
-        With autograd off the sum is written into ``r``'s memory (``r`` is the branch's own
-        fresh output): one activation-sized allocation fewer per block, which for maps above
-        glibc's 32 MB mmap threshold also saves the kernel zeroing fresh pages.
-        """
-        if gate is None:
-            gate = r.new_ones((r.shape[0], 1, 1, 1))
-        scale = gate * (self.alpha * self.skip_gain)
+        ``mask`` (None: keep every sample)."""
+        scale = self.alpha * self.skip_gain
+        if gate is not None:
+            scale = gate * scale
         if mask is not None:
             scale = scale * mask
-        if (not eager_inference() or r.shape != shortcut.shape
-                or torch.result_type(shortcut, r) != r.dtype
-                or torch.promote_types(r.dtype, scale.dtype) != r.dtype):
-            return torch.addcmul(shortcut, r, scale)
-        return torch.addcmul(shortcut, r, scale, out=r)
+        return torch.addcmul(shortcut, r, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(x)
@@ -154,8 +144,12 @@ def _kept_samples(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     many samples are kept stalls the stream; compiled graphs want static shapes; and when no
     sample is kept the branch still has to run (with zero weight), so that every parameter
     receives a gradient, as DistributedDataParallel requires.
+
+    Worth it: an F0 training step (batch 8, 192 px, the recipe's stochastic depth 0.25, one
+    CPU thread) takes 7 % more time on the whole batch times the mask (docs/performance.md,
+    ``benchmarks/bench_train_vs_commit.py --variant full_batch_sd``).
     """
-    if x.device.type != "cpu" or capturing_graph():
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     kept = mask.flatten().nonzero().flatten()
     return kept if 0 < kept.numel() < mask.shape[0] else None
@@ -222,10 +216,6 @@ class NFModel(nn.Module):
         """(B, num_features, H/32, W/32) map after the final conv and its activation, in the
         memory layout of ``x``."""
         self._check_input(x)
-        # oneDNN's inference convs run fastest on NHWC; every other op keeps the layout.
-        to_nhwc = onednn_inference(x) and not x.is_contiguous(memory_format=torch.channels_last)
-        if to_nhwc:
-            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             # Non-reentrant checkpointing replays the RNG, so stochastic depth is unchanged.
@@ -233,8 +223,7 @@ class NFModel(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
         else:
             x = self.blocks(x)
-        x = self.final_act(self.final_conv(x))
-        return x.contiguous() if to_nhwc else x  # a small map: callers may .view() it
+        return self.final_act(self.final_conv(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool, dropout (training only), classifier."""
@@ -293,10 +282,10 @@ def fold_gamma(activation: str) -> float:
 def signal_metrics(model: NFModel, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Signal-propagation statistics of one batch, as the official ``return_metrics``.
 
-    Keys (official.md §3.1): ``avg_sq_mean_i`` and ``avg_var_i`` — the channel-averaged squared
-    mean and variance over (N, H, W) — of the stem output (i = 0) and of every block output
-    (i = k + 1), and ``res_avg_var_k``, the residual branch's variance after squeeze-excite and
-    before stochastic depth, skip gain and α.
+    Keys (as the official ``return_metrics`` of nfnets/nfnet.py): ``avg_sq_mean_i`` and
+    ``avg_var_i`` — the channel-averaged squared mean and variance over (N, H, W) — of the stem
+    output (i = 0) and of every block output (i = k + 1), and ``res_avg_var_k``, the residual
+    branch's variance after squeeze-excite and before stochastic depth, skip gain and α.
     """
     def stats(t: torch.Tensor, i: int) -> dict[str, torch.Tensor]:
         var, mean = torch.var_mean(t, dim=(0, 2, 3), unbiased=False)

@@ -2,7 +2,7 @@
 
 EfficientNet-like inverted bottlenecks (RegNet widths) without normalisation: 1×1 expansion,
 grouped 3×3 with group size 8, squeeze-excite on the expanded width, 1×1 projection
-(official.md §2.14).
+(deepmind-research nfnets/nf_regnet.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """NF-ResNets (Brock, De, Smith 2021, arXiv 2101.08692), as nfnets/nf_resnet.py.
 
 Pre-activation bottleneck ResNets with scaled weight standardisation, SkipInit gains and
-analytic β, without normalisation layers (official.md §2.13).
+analytic β, without normalisation layers (deepmind-research nfnets/nf_resnet.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A pre-activation SE-ResNeXt-D bottleneck without normalisation: every conv is a scaled
 weight-standardised conv, activations are gamma-scaled, and each block computes
-``h + α · skip_gain · f(act(h) · β)`` with β tracked analytically (official.md §2).
+``h + α · skip_gain · f(act(h) · β)`` with β tracked analytically
+(deepmind-research nfnets/nfnet.py).
 """
 
 from __future__ import annotations

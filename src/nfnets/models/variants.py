@@ -1,7 +1,7 @@
 """The variant tables of the NF model families, as data, in the official vocabulary.
 
 Sources: nfnets/base.py (`nfnet_params`, `nf_regnet_params`) and nfnets/nf_resnet.py
-(`variant_dict`) of google-deepmind/deepmind-research; official.md §1. A new variant is one row.
+(`variant_dict`) of google-deepmind/deepmind-research. A new variant is one row.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ class NFNetVariant:
     depths: tuple[int, int, int, int]
     train_size: int
     test_size: int
-    ra_level: str  # RandAugment level: '405' = 4 layers, magnitude 5 (official.md §6.5)
+    ra_level: str  # RandAugment level: '405' = 4 layers, magnitude 5 (nfnets/base.py nfnet_params)
     drop_rate: float
     widths: tuple[int, int, int, int] = (256, 512, 1536, 1536)
 
 
-# official.md §1.1; paper Table 1 lists F0–F6, F7 exists only in the code.
+# nfnets/base.py nfnet_params; paper Table 1 lists F0–F6, F7 exists only in the code.
 NFNET_VARIANTS: dict[str, NFNetVariant] = {
     "F0": NFNetVariant((1, 2, 6, 3), 192, 256, "405", 0.2),
     "F1": NFNetVariant((2, 4, 12, 6), 224, 320, "410", 0.3),
@@ -50,7 +50,7 @@ class NFRegNetVariant:
     drop_rate: float
 
 
-# official.md §1.2 (nfnets/base.py nf_regnet_params).
+# nfnets/base.py nf_regnet_params.
 NF_REGNET_VARIANTS: dict[str, NFRegNetVariant] = {
     "B0": NFRegNetVariant((48, 104, 208, 440), (1, 3, 6, 6), 192, 224, 0.2),
     "B1": NFRegNetVariant((48, 104, 208, 440), (2, 4, 7, 7), 224, 256, 0.2),
@@ -63,7 +63,7 @@ NF_REGNET_VARIANTS: dict[str, NFRegNetVariant] = {
     "B8": NFRegNetVariant((104, 232, 456, 968), (4, 11, 22, 22), 600, 672, 0.5),
 }
 
-# official.md §1.3 (nfnets/nf_resnet.py variant_dict): blocks per stage.
+# nfnets/nf_resnet.py variant_dict: blocks per stage.
 NF_RESNET_DEPTHS: dict[int, tuple[int, int, int, int]] = {
     50: (3, 4, 6, 3),
     101: (3, 4, 23, 3),
