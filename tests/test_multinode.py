@@ -16,15 +16,15 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from nfnets.checkpoint import load_checkpoint
 from nfnets.cli import main as run
 
-STEPS = 3
-# A tiny run: 16 px digits, the demo's scaled-down F0, AGC tight enough that some units clip.
+# A tiny run: one epoch (22 steps, evaluation, final weights) of 16 px digits with the demo's
+# scaled-down F0, AGC tight enough that some units clip.
 COMMON = ["--epochs", "1", "--no-progress", "--train-size", "16", "--batch-size", "64",
-          "--lr", "0.2", "--warmup-epochs", "0.2", "--clipping", "0.002", "--log-every", "1",
-          "--stop-at-step", str(STEPS)]
+          "--lr", "0.2", "--warmup-epochs", "0.2", "--clipping", "0.002", "--log-every", "1"]
 
 
 def _free_port() -> int:
@@ -57,18 +57,22 @@ def test_two_torchrun_nodes_with_fsdp_equal_one_process(tmp_path):
         assert node.returncode == 0, log[-3000:]
     assert run(["train", "--out", str(tmp_path / "one"), *COMMON]) == 0
 
-    one = load_checkpoint(tmp_path / "one" / "checkpoints")
-    two = load_checkpoint(tmp_path / "two" / "checkpoints")
-    assert one["step"] == two["step"] == STEPS
-    for key, value in one["model"].items():
-        torch.testing.assert_close(two["model"][key], value, rtol=0, atol=1e-6, msg=key)
-    for key, value in one["ema"]["module"].items():
-        torch.testing.assert_close(two["ema"]["module"][key], value, rtol=0, atol=1e-6,
-                                   msg=key)
-    assert one["model"]["blocks.0.skip_gain"].abs() > 0  # the weights moved
+    for name in ("model.safetensors", "model_ema.safetensors"):  # gathered from the shards
+        one, two = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert one.keys() == two.keys()
+        for key, value in one.items():
+            torch.testing.assert_close(two[key], value, rtol=0, atol=1e-6, msg=f"{name} {key}")
+    assert one["blocks.0.skip_gain"].abs() > 0  # the weights moved
+    summaries = [json.loads((tmp_path / run_dir / "summary.json").read_text())
+                 for run_dir in ("one", "two")]
+    assert summaries[0]["steps"] == summaries[1]["steps"] == 22
+    # Evaluation of the gathered model (ranks hold different numbers of batches).
+    assert summaries[1]["val_top1"] == pytest.approx(summaries[0]["val_top1"])
+    assert summaries[1]["val_top1_ema"] == pytest.approx(summaries[0]["val_top1_ema"])
     # AGC clipped some units and not others, and the sharded count is the global one.
-    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").open()]
-    reference = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").open()]
+    records, reference = ([r for line in (tmp_path / run_dir / "metrics.jsonl").open()
+                           if (r := json.loads(line))["kind"] == "train"]
+                          for run_dir in ("two", "one"))
     fractions = [r["clip_fraction"] for r in records]
     assert all(0 < f < 1 for f in fractions)
     assert fractions == pytest.approx([r["clip_fraction"] for r in reference], abs=1e-6)

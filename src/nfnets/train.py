@@ -544,16 +544,17 @@ def _restore(checkpoint, model, ema, optimizer, scheduler, scaler, state, device
 
 
 def _gathered_copies(model, ema: EMA, cfg: TrainConfig, num_classes: int):
-    """Plain (unsharded) CPU copies of a sharded model and its EMA, filled on rank 0 only;
-    collective."""
+    """Plain (unsharded) CPU copies of a sharded model and its EMA on rank 0 (other ranks get
+    theirs back unchanged); collective."""
     weights, averaged = full_model_state(model), full_model_state(ema.module)
+    if not weights:  # not rank 0: nothing to write
+        return model, ema
     copies = []
     for state in (weights, averaged):
         plain = create_model(cfg.model, num_classes=num_classes,
                              stochdepth_rate=cfg.stochdepth_rate, drop_rate=cfg.drop_rate,
                              **cfg.model_args)
-        if state:  # rank 0
-            plain.load_state_dict(state)
+        plain.load_state_dict(state)
         copies.append(plain)
     plain_ema = EMA(copies[1], ema.decay)
     plain_ema.num_updates = ema.num_updates
