@@ -33,28 +33,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _node(rank: int, port: int, out, extra: list[str]) -> subprocess.Popen:
+def _node(rank: int, port: int, out, extra: list[str], log) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "nfnets-test",
                "-m", "nfnets", "train", "--out", str(out), *COMMON, *extra]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    # Output to a file: an unread pipe fills up and blocks the process writing to it.
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.slow
 def test_two_torchrun_nodes_with_fsdp_equal_one_process(tmp_path):
     port = _free_port()
     extra = ["--fsdp", "--grad-accum", "2", "--grad-checkpointing"]
-    nodes = [_node(rank, port, tmp_path / "two", extra) for rank in (0, 1)]
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = [_node(rank, port, tmp_path / "two", extra, log.open("w"))
+             for rank, log in zip((0, 1), logs, strict=True)]
     try:
-        logs = [node.communicate(timeout=240)[0] for node in nodes]
+        for node in nodes:
+            node.wait(timeout=240)
     finally:
         for node in nodes:
             node.kill()
     for node, log in zip(nodes, logs, strict=True):
-        assert node.returncode == 0, log[-3000:]
+        assert node.returncode == 0, log.read_text()[-3000:]
     assert run(["train", "--out", str(tmp_path / "one"), *COMMON]) == 0
 
     for name in ("model.safetensors", "model_ema.safetensors"):  # gathered from the shards
@@ -90,3 +93,4 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path):
     assert load_checkpoint(out / "checkpoints")["step"] == 2
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
     assert steps == [1, 2]  # the second run did not start over
+
