@@ -194,7 +194,7 @@ PUBLIC = {
     "AGC", "EMA", "adaptive_clip_grad_", "convert_official", "count_flops", "count_params",
     "create_model", "export_onnx", "list_models", "load_model", "load_pretrained",
     "load_weights", "optimize_for_inference", "param_groups", "save_weights", "sgd_agc",
-    "warmup_cosine_lr",
+    "signal_propagation", "warmup_cosine_lr",
 }
 
 

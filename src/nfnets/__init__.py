@@ -14,6 +14,7 @@ from .export import export_onnx
 from .inference import optimize_for_inference
 from .models import create_model, list_models
 from .optim import EMA, param_groups, sgd_agc, warmup_cosine_lr
+from .signal import signal_propagation
 from .weights import convert_official, load_model, load_pretrained, load_weights, save_weights
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "param_groups",
     "save_weights",
     "sgd_agc",
+    "signal_propagation",
     "warmup_cosine_lr",
 ]
 

@@ -383,7 +383,7 @@ class AGC(Optimizer):
     ``zero_grad`` and ``add_param_group`` are those of the wrapped optimizer, so LR schedulers
     and checkpoints work unchanged (a state dict of the bare optimizer loads here and back).
     After each step, ``last_stats`` holds that step's :class:`ClipStats` (None before the first
-    step). A ``closure`` is evaluated once, before clipping.
+    step). A ``closure`` is passed on, its gradients clipped at each evaluation (LBFGS works).
     """
 
     def __init__(
@@ -443,14 +443,24 @@ class AGC(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        """Clip the gradients with AGC, then take the wrapped optimizer's step."""
-        loss = None
-        if closure is not None:
+        """Clip the gradients with AGC, then take the wrapped optimizer's step.
+
+        A ``closure`` is passed on to the wrapped optimizer, wrapped so that the gradients of
+        each of its evaluations are clipped: optimizers that re-evaluate it (LBFGS) see
+        clipped gradients every time, and the others evaluate it once, as before.
+        """
+        if closure is None:
+            self.last_stats = self.clip_grad_()
+            return self.optimizer.step()
+
+        def clipped_closure() -> Any:
             with torch.enable_grad():
                 loss = closure()
-        self.last_stats = self.clip_grad_()
-        self.optimizer.step()
-        return loss
+            with torch.no_grad():
+                self.last_stats = self.clip_grad_()
+            return loss
+
+        return self.optimizer.step(clipped_closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forwarded to the wrapped optimizer."""

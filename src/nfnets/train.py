@@ -2,7 +2,12 @@
 
 Read top to bottom: ``TrainConfig`` (every knob, its default = the official recipe),
 ``train(cfg)`` (setup, the loop, the end of the run) and the small functions it calls.
-Recipe sources: official.md §5 (nfnets/experiment_nfnets.py, nfnets/optim.py).
+Recipe sources: deepmind-research nfnets/ (experiment.py, experiment_nfnets.py, optim.py,
+utils.py); file names below are in that folder.
+
+A run owns its folder (``nfnets.lock.RunLock``), refuses to overwrite another run, resumes from
+the newest checkpoint that verifies (``nfnets.checkpoint``), and stops after the current step
+with a checkpoint on SIGTERM, SIGINT or SIGUSR1 (docs/reliability.md).
 
 Run it with ``nfnets train`` (bundled digits demo), ``nfnets train --data DIR --model
 nfnet_f0`` (ImageNet-style folder), ``torchrun --nproc-per-node N -m nfnets train ...`` or
@@ -20,8 +25,12 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
 import sys
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import AugmentConfig
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from .data import (
     digits_datasets,
     digits_recipe_changes,
@@ -53,8 +68,9 @@ from .distributed import (
     shard_model,
     sync_replicated_grads,
 )
-from .errors import CheckpointError, RunFailed, UsageError
-from .files import atomic_write
+from .errors import CheckpointError, NFNetsError, RunFailed, UsageError
+from .files import atomic_write, disk_error, remove_temp_files
+from .lock import LOCK_NAME, RunLock
 from .models import create_model, model_defaults
 from .optim import EMA, optimizer_step, peak_lr, sgd_agc, warmup_cosine_lr
 from .weights import load_pretrained, save_weights
@@ -87,13 +103,13 @@ class TrainConfig:
     epochs: int | None = None  # recipe: 360
     batch_size: int | None = None  # global batch; recipe: 4096
     lr: float | None = None  # peak; recipe: 0.1 · batch / 256
-    warmup_epochs: float | None = None  # recipe: 5, linear from exactly 0 (official.md §5.2)
-    weight_decay: float = 2e-5  # coupled L2, after clipping (§5.3)
-    clipping: float = 0.01  # AGC λ; 0 turns AGC off (§5.1)
-    momentum: float = 0.9  # Nesterov (§5.1)
-    label_smoothing: float = 0.1  # §5.6
-    ema_decay: float = 0.99999  # with the TF1 warm-up (§5.7)
-    stochdepth_rate: float | None = None  # recipe: 0.25 (§2.7; the model default is 0.1)
+    warmup_epochs: float | None = None  # recipe: 5, linear from 0 (optim.py WarmupCosineDecay)
+    weight_decay: float = 2e-5  # coupled L2, after clipping (optim.py SGD_AGC)
+    clipping: float = 0.01  # AGC λ; 0 turns AGC off (experiment_nfnets.py get_config)
+    momentum: float = 0.9  # Nesterov (experiment_nfnets.py get_config)
+    label_smoothing: float = 0.1  # experiment_nfnets.py get_config
+    ema_decay: float = 0.99999  # with the TF1 warm-up (utils.py)
+    stochdepth_rate: float | None = None  # recipe: 0.25 (the model default is 0.1)
     drop_rate: float | None = None  # variant's dropout (F0 0.2 … F4+ 0.5)
     augment: str | None = None  # official name, e.g. cutmix_mixup_randaugment_405
     train_size: int | None = None  # variant's train resolution
@@ -144,8 +160,9 @@ class TrainConfig:
 
 
 def _recipe_augment(defaults: dict) -> str:
-    # NFNets: half MixUp / half CutMix then RandAugment (official.md §5.1); NF-RegNets:
-    # mixup_cutmix without RandAugment (§5.11); NF-ResNets (base experiment): none.
+    # NFNets: half MixUp / half CutMix then RandAugment (experiment_nfnets.py); NF-RegNets:
+    # mixup_cutmix without RandAugment (experiment_nf_regnets.py); NF-ResNets (experiment.py):
+    # none.
     if defaults["ra_level"] is not None:
         return f"cutmix_mixup_randaugment_{defaults['ra_level']}"
     return "cutmix_mixup" if defaults["family"] == "nf_regnet" else "none"
@@ -155,20 +172,45 @@ def _recipe_augment(defaults: dict) -> str:
 # The run
 
 
-def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, *,
+          changes: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train as ``cfg`` says (or continue the run in ``resume``); return the summary.
+
+    A fresh run refuses a folder that already holds a run unless ``overwrite`` (the old run is
+    moved aside, not deleted). With ``resume``, ``changes`` are the settings given for the
+    continuation (default: the fields of ``cfg`` that differ from ``TrainConfig()``); each is
+    applied and recorded, or refused with its reason (see ``resume_config``). SIGTERM, SIGINT
+    and SIGUSR1 stop the run after the current step with a checkpoint; the summary is then
+    ``{"stopped_at_step": N, "signal": signum}``.
 
     ``resume="auto"`` continues the run in ``cfg.out`` when it has a checkpoint and starts it
     afresh otherwise, so that a job script (or torchrun restarting a failed group) can be
     re-run unchanged.
     """
-    if resume == "auto":
+    applied: dict[str, tuple[Any, Any]] = {}
+    if resume == "auto":  # a run with a checkpoint continues; otherwise a fresh start
         resume = cfg.out if list_checkpoints(Path(cfg.out) / "checkpoints") else None
     if resume is not None:
-        cfg = _load_run_config(resume, cfg)
+        if overwrite:
+            raise UsageError("--overwrite and --resume contradict each other: --resume "
+                             "continues the run, --overwrite moves it aside to start anew")
+        cfg, applied = resume_config(resume, _given(cfg) if changes is None else changes)
+    _validate_sizes(cfg)
     cfg = cfg.resolved()
     _validate(cfg)
     rank, world, device = _setup_distributed(cfg)
+    is_main = rank == 0
+    lock = _claim_folder(Path(cfg.out), is_main, world, device, resume is not None, overwrite)
+    try:
+        with _StopRequest(is_main) as stop:
+            return _train(cfg, resume, applied, rank, world, device, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: int,
+           world: int, device: torch.device, stop: _StopRequest) -> dict[str, Any]:
     is_main = rank == 0
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)  # the same initial weights (and so EMA) on every rank
@@ -208,14 +250,24 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
     optimizer = sgd_agc(model, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                         clipping=cfg.clipping or None)
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    if warmup_steps > total_steps and is_main and resume is None:
+        warnings.warn(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than the run "
+                      f"({cfg.epochs} epochs): the learning rate never reaches its peak "
+                      f"{cfg.lr:g}", stacklevel=2)
     scheduler = warmup_cosine_lr(optimizer, min(warmup_steps, total_steps - 1), total_steps)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     torch.manual_seed(cfg.seed + rank)  # ranks differ only in stochastic depth/dropout draws
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_images": 0,
              "nonfinite_steps": 0, "seconds": 0.0, "images": 0}
-    if resume is not None:
-        _restore(load_checkpoint(Path(resume) / "checkpoints"), model, ema, optimizer,
-                 scheduler, scaler, state, device)
+    checkpoint = _resume_checkpoint(out, is_main, world, device) if resume is not None else None
+    if checkpoint is not None:
+        _restore(checkpoint, model, ema, optimizer, scheduler, scaler, state, device)
+        del checkpoint
+        if "epochs" in applied:
+            _stretch_schedule(cfg, applied["epochs"][0], optimizer, scheduler, state,
+                              steps_per_epoch, is_main)
+    elif resume is not None and is_main:
+        print(f"nfnets: {out} has no checkpoint yet; starting its run from the beginning")
     ddp_model = model
     if world > 1 and not cfg.fsdp:
         ddp_model = nn.parallel.DistributedDataParallel(
@@ -224,12 +276,15 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
 
     log = _Logger(out, cfg, is_main)
     if is_main:
-        log.start(cfg, model, train_set, val_set, resumed=resume is not None)
+        log.start(cfg, model, train_set, val_set, resumed=resume is not None,
+                  applied=applied, at_step=state["step"])
 
     # The loop.
-    consecutive_nonfinite, val = 0, None
+    consecutive_nonfinite, val, signum = 0, None, None
+    # A resumed run already at --stop-at-step stops before taking another step.
+    stopped = cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step
     start_time = time.time() - state["seconds"]
-    for epoch in range(state["epoch"], cfg.epochs):
+    for epoch in range(state["epoch"], cfg.epochs if not stopped else state["epoch"]):
         sampler.set_epoch(epoch, skip_batches=state["batch_in_epoch"] * cfg.grad_accum)
         model.train()
         bar = log.progress(epoch, steps_per_epoch, state["batch_in_epoch"])
@@ -256,23 +311,35 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
             state["images"] += cfg.batch_size
             state["seconds"] = time.time() - start_time
             log.step(state, loss, optimizer, bar, cfg.batch_size / (time.time() - step_start))
-            if _should_save(cfg, state):
+            saved = _should_save(cfg, state)
+            if saved:
                 _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main)
-            if cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step:
+            signum = stop.agreed(world, device)
+            at_limit = cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step
+            if signum or at_limit:
                 bar.close()
-                _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main)
-                log.close()
-                del step_model, ddp_model
-                _teardown(world)
-                if is_main:
-                    print(f"nfnets: stopped at step {state['step']} as asked; continue with "
-                          f"nfnets train --resume {out}")
-                return {"stopped_at_step": state["step"]}
+                if not saved:
+                    _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main)
+                stopped = True
+                break
+        if stopped:
+            break
         bar.close()
         state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
         val = _evaluate_both(model, ema, val_loader, device)
         log.epoch(epoch, state, val)
         _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main)
+        signum = stop.agreed(world, device)
+        if signum and epoch + 1 < cfg.epochs:
+            stopped = True
+            break
+    if stopped:
+        log.close()
+        del step_model, ddp_model
+        _teardown(world)
+        if is_main:
+            _print_stopped(out, state["step"], signum)
+        return {"stopped_at_step": state["step"], **({"signal": signum} if signum else {})}
 
     if val is None:  # resumed a run whose epochs were all done
         val = _evaluate_both(model, ema, val_loader, device)
@@ -297,7 +364,7 @@ def _train_step(model: nn.Module, optimizer, batches, cfg: TrainConfig,
     """Forward/backward over ``grad_accum`` micro-batches; (mean loss, finite?, skipped).
 
     Gradients are averaged over the global batch (DDP averages over ranks, the loss is divided
-    by the accumulation steps), as the official update uses the global-batch mean (§5.6). A
+    by the accumulation steps), as the official update uses the global-batch mean (experiment.py). A
     non-finite loss on any rank makes every rank skip the step, before any backward pass can
     poison the gradients; the step's remaining micro-batches are still consumed so the data
     order stays aligned with the step count.
@@ -315,7 +382,7 @@ def _train_step(model: nn.Module, optimizer, batches, cfg: TrainConfig,
         with gradient_sync(model, last or world == 1):
             with autocast:
                 logits = model(images)
-            # Logits in float32 for the loss (official.md §5.6); soft (mixed, smoothed) targets.
+            # Logits in float32 for the loss (experiment.py); soft (mixed, smoothed) targets.
             loss = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
             finite = torch.isfinite(loss.detach()).to(torch.float32)
             if world > 1:
@@ -359,6 +426,261 @@ def _evaluate_both(model: nn.Module, ema: EMA, loader, device: torch.device) -> 
 
 
 # ----------------------------------------------------------------------------------------------
+# Stopping on a signal: finish the step, checkpoint, say how to continue
+
+
+# Exit status of a run stopped by a signal: 128 + the signal's number, the shell's convention
+# for "ended by signal N", so schedulers and scripts see why it ended (SIGTERM 143, SIGINT
+# 130, SIGUSR1 138) while the checkpoint makes it resumable.
+def stop_exit_code(signum: int) -> int:
+    """The command's exit status after a stop requested by signal ``signum``."""
+    return 128 + signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class _StopRequest:
+    """While active, SIGTERM, SIGINT and SIGUSR1 ask the run to stop after the current step.
+
+    A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once. Handlers are installed
+    only in the main thread (Python delivers signals there) and restored on exit.
+    """
+
+    def __init__(self, announce: bool) -> None:
+        self.signum: int | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()  # forked DataLoader workers inherit the handler
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in _STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: behave as without us
+            previous = self._previous.get(signum, signal.SIG_DFL)
+            signal.signal(signum, previous)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+            return
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        if self.announce:  # os.write: print() is not safe inside a signal handler
+            os.write(2, f"nfnets: {signal.Signals(signum).name} received: stopping after this "
+                        "step with a checkpoint (Ctrl-C again aborts at once)\n".encode())
+
+    def agreed(self, world: int, device: torch.device) -> int | None:
+        """The stop signal if any rank received one (every rank gets the same answer).
+
+        Under DDP this is one 1-element all-reduce per step: the step has already waited for
+        the device (the loss is read back), so it adds only the collective's latency, and
+        every rank stops after the same step, which a per-rank decision could not promise.
+        """
+        if world == 1:
+            return self.signum
+        flag = torch.tensor([float(self.signum or 0)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
+def _print_stopped(out: Path, step: int, signum: int | None) -> None:
+    found = list_checkpoints(out / "checkpoints")
+    where = f"checkpoint {found[-1]}" if found else "no checkpoint (weights not finite)"
+    why = f"by {signal.Signals(signum).name}" if signum else "as asked (--stop-at-step)"
+    print(f"nfnets: stopped {why} at step {step}; {where}. Continue with: nfnets train "
+          f"--resume {shlex.quote(str(out))}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder: one run per folder, no leftovers, an old run only moved aside
+
+
+def _all_agree(ok: bool, world: int, device: torch.device) -> bool:
+    if world == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _claim_folder(out: Path, is_main: bool, world: int, device: torch.device, resumed: bool,
+                  overwrite: bool) -> RunLock | None:
+    """Rank 0 locks ``out`` and readies it; every rank learns whether that worked."""
+    lock, error = None, None
+    if is_main:
+        try:
+            lock = RunLock(out).acquire()
+            _prepare_folder(out, resumed, overwrite)
+        except NFNetsError as err:
+            if lock is not None:
+                lock.release()
+            lock, error = None, err
+    if not _all_agree(error is None, world, device):
+        raise error or RunFailed(f"rank 0 could not take {out}; see its message")
+    return lock
+
+
+def holds_run(out: Path) -> bool:
+    """Whether ``out`` holds (part of) a training run."""
+    return any((out / name).exists() for name in
+               ("config.json", "summary.json", "metrics.jsonl", "model.safetensors")) or bool(
+        list_checkpoints(out / "checkpoints"))
+
+
+def _prepare_folder(out: Path, resumed: bool, overwrite: bool) -> None:
+    """Remove temp files a killed run left; refuse (or move aside) an old run for a new one."""
+    for folder in (out, out / "checkpoints"):
+        removed = remove_temp_files(folder)
+        if removed:
+            print(f"nfnets: removed {len(removed)} temp file(s) an interrupted run left in "
+                  f"{folder}")
+    if resumed or not holds_run(out):
+        return
+    if not overwrite:
+        found = list_checkpoints(out / "checkpoints")
+        what = f"checkpoints up to {found[-1].name}" if found else "a run record"
+        raise UsageError(
+            f"{out} already holds a run ({what}); continue it with --resume {out}, start "
+            "over with --overwrite (the old run is moved aside, not deleted), or choose "
+            "another --out")
+    aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    aside.mkdir()
+    for entry in out.iterdir():
+        if entry.name != LOCK_NAME:
+            os.replace(entry, aside / entry.name)
+    print(f"nfnets: --overwrite: moved the previous run in {out} to {aside}")
+
+
+def _resume_checkpoint(out: Path, is_main: bool, world: int, device: torch.device
+                       ) -> dict[str, Any] | None:
+    """The newest good checkpoint (rank 0 chooses and moves bad ones aside; all load it)."""
+    directory = out / "checkpoints"
+    if world == 1:
+        return load_latest_checkpoint(directory)
+    checkpoint, error, chosen = None, None, -1.0
+    if is_main:
+        try:
+            checkpoint = load_latest_checkpoint(directory)
+            chosen = float(checkpoint["step"]) if checkpoint is not None else -1.0
+        except CheckpointError as err:
+            error, chosen = err, -2.0
+    flag = torch.tensor([chosen], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # only rank 0 contributes more than -2
+    chosen = flag.item()
+    if error is not None:
+        raise error
+    if chosen == -2:
+        raise RunFailed(f"rank 0 found no usable checkpoint in {directory}; see its message")
+    if not is_main and chosen >= 0:
+        checkpoint = load_checkpoint(checkpoint_path(directory, int(chosen)))
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming: what may change, and what that means
+
+# May change on resume without changing the run's arithmetic (beyond float rounding for a new
+# device or --compile); applied, printed and recorded in config.json.
+_RESUME_APPLIES = {"stop_at_step", "progress", "num_workers", "log_every", "tensorboard",
+                   "device", "eval_batch_size", "keep_checkpoints", "save_every",
+                   "max_nonfinite", "compile", "channels_last", "grad_checkpointing"}
+# Changes the schedule: applied, with the new cosine horizon printed.
+_RESUME_SCHEDULE = {"epochs"}
+_REFUSAL = ("changes the run's optimisation, data or model, which its checkpoint (optimiser "
+            "state, schedule, data order) belongs to; to train with it, start a new run with "
+            "--init-from {run}")
+
+
+def resume_config(run_dir: str | os.PathLike, changes: dict[str, Any]
+                  ) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
+    """The config of the run in ``run_dir`` with ``changes`` applied, and what changed.
+
+    Returns ``(config, {field: (old, new)})``. A change to a field outside the allowed ones
+    (session settings like ``progress`` or ``num_workers``, and ``epochs``) raises UsageError
+    listing every refused field with the reason; values equal to the run's are not changes.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no config.json)")
+    try:
+        saved = json.loads(path.read_text())["train"]
+        if not isinstance(saved, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"--resume: {path} has no 'train' section; it was not written "
+                              "by nfnets train, or it is damaged") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    restored = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    restored.out, restored.stop_at_step = str(run_dir), None  # stop_at_step: this session only
+    applied, refused = {}, []
+    for name, value in changes.items():
+        if name not in known:
+            raise UsageError(f"--resume: unknown setting {name!r}")
+        if name == "out":
+            if Path(value).resolve() != run_dir.resolve():
+                refused.append(f"--out {value}: a resumed run stays in its folder {run_dir}")
+            continue
+        old = getattr(restored, name)
+        if name == "model_args" and isinstance(value, dict):
+            value = {**old, **value}  # --model-arg overrides keys; the others stay the run's
+        if value is None or value == old:
+            continue
+        if name in _RESUME_APPLIES or name in _RESUME_SCHEDULE:
+            applied[name] = (old, value)
+            setattr(restored, name, value)
+        else:
+            flag = "--model-arg" if name == "model_args" else f"--{name.replace('_', '-')}"
+            refused.append(f"{flag} {old} → {value} " + _REFUSAL.format(run=run_dir))
+    if refused:
+        raise UsageError("--resume cannot change: " + "; ".join(refused))
+    return restored, applied
+
+
+def _given(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields of ``cfg`` that differ from ``TrainConfig()`` (what a caller set)."""
+    default = TrainConfig()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)
+            if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def _stretch_schedule(cfg: TrainConfig, old_epochs: int, optimizer, scheduler, state: dict,
+                      steps_per_epoch: int, is_main: bool) -> None:
+    """After --epochs changed on resume: check it, set the lr of the new schedule, say so."""
+    done = state["epoch"] + (1 if state["batch_in_epoch"] else 0)
+    if cfg.epochs < done:
+        raise UsageError(f"--epochs {cfg.epochs}: the run has already started epoch {done}; "
+                         "give at least that many")
+    old_lr = optimizer.param_groups[0]["lr"]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
+                                   scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if is_main:
+        print(f"nfnets: resume: --epochs {old_epochs} → {cfg.epochs}: the cosine schedule now "
+              f"ends at step {cfg.epochs * steps_per_epoch} (was {old_epochs * steps_per_epoch}"
+              f"); learning rate at step {state['step']}: {old_lr:.6g} → "
+              f"{optimizer.param_groups[0]['lr']:.6g} (recorded in config.json)")
+
+
+# ----------------------------------------------------------------------------------------------
 # Setup helpers
 
 
@@ -376,6 +698,8 @@ def _validate(cfg: TrainConfig) -> None:
             problems.append(f"--{name.replace('_', '-')} must be >= 0")
     if not 0 <= cfg.ema_decay <= 1:
         problems.append("--ema-decay must be in [0, 1]")
+    if not 0 <= cfg.momentum < 1:
+        problems.append(f"--momentum must be in [0, 1), not {cfg.momentum:g}")
     if cfg.label_smoothing >= 1:
         problems.append("--label-smoothing must be < 1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -410,6 +734,19 @@ def _fsdp_problems(cfg: TrainConfig, world: int) -> list[str]:
         problems.append(f"--device {cfg.device} with --fsdp: each process takes the GPU of "
                         "its LOCAL_RANK; use --device cuda")
     return problems
+
+
+def _validate_sizes(cfg: TrainConfig) -> None:
+    """Sizes, checked before the digits demo fills one from the other."""
+    for name in ("train_size", "test_size"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if (cfg.data == "digits" and None not in (cfg.train_size, cfg.test_size)
+            and cfg.train_size != cfg.test_size):
+        raise UsageError("the digits demo trains and evaluates at one size: give --train-size "
+                         f"only (got --train-size {cfg.train_size}, --test-size "
+                         f"{cfg.test_size})")
 
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -448,22 +785,6 @@ def _datasets(cfg: TrainConfig):
     return imagenet_datasets(cfg.data, cfg.train_size, cfg.test_size)
 
 
-def _load_run_config(run_dir: str | os.PathLike, cfg: TrainConfig) -> TrainConfig:
-    """The config a run was started with; only --epochs, --stop-at-step, --progress and
-    --num-workers may change on resume (anything else would not be the same run)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no config.json)")
-    saved = json.loads(path.read_text())["train"]
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    restored = TrainConfig(**{k: v for k, v in saved.items() if k in known})
-    restored.out = str(run_dir)
-    restored.stop_at_step = cfg.stop_at_step
-    restored.progress = cfg.progress
-    restored.num_workers = cfg.num_workers
-    if cfg.epochs is not None:
-        restored.epochs = cfg.epochs
-    return restored
 
 
 def _should_save(cfg: TrainConfig, state: dict) -> bool:
@@ -511,7 +832,18 @@ def _save(out: Path, model, ema, optimizer, scheduler, scaler, state, cfg, is_ma
         **state, "rng": _rng_state(), "model_name": model.model_name,
         "model_kwargs": model.model_kwargs, "config": dataclasses.asdict(cfg),
     }
-    save_checkpoint(checkpoint, out / "checkpoints", state["step"], cfg.keep_checkpoints)
+    try:
+        save_checkpoint(checkpoint, out / "checkpoints", state["step"], cfg.keep_checkpoints)
+    except RunFailed as err:  # the disk refused: say what is still safe
+        raise RunFailed(f"{err}; {_intact(out)}") from None
+
+
+def _intact(out: Path) -> str:
+    """Which checkpoint is still good after a failed write (for the one-line error)."""
+    found = list_checkpoints(out / "checkpoints")
+    if not found:
+        return "no checkpoint had been written yet"
+    return f"the previous checkpoint {found[-1]} is intact; resume from it with --resume {out}"
 
 
 def _restore(checkpoint, model, ema, optimizer, scheduler, scaler, state, device) -> None:
@@ -579,10 +911,16 @@ class _Logger:
         self.writer = None
         self.loss_sum, self.loss_count = 0.0, 0
 
-    def start(self, cfg: TrainConfig, model, train_set, val_set, resumed: bool) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "checkpoints").mkdir(exist_ok=True)
-        if not resumed:
+    def start(self, cfg: TrainConfig, model, train_set, val_set, resumed: bool,
+              applied: dict[str, tuple[Any, Any]], at_step: int) -> None:
+        try:
+            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create {self.out / 'checkpoints'}: {err.strerror}") from None
+        if resumed:
+            self._record_resume(cfg, applied, at_step)
+            self._drop_metrics_after(at_step)
+        else:
             config = {"model": model.model_name, "model_kwargs": model.model_kwargs,
                       "classes": list(train_set.classes), "train_size": cfg.train_size,
                       "test_size": cfg.test_size, "data": cfg.data,
@@ -603,6 +941,39 @@ class _Logger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
+
+    def _record_resume(self, cfg: TrainConfig, applied: dict[str, tuple[Any, Any]],
+                       at_step: int) -> None:
+        """Write what a resume changed into config.json (``train`` and a ``resumes`` log)."""
+        path = self.out / "config.json"
+        config = json.loads(path.read_text())
+        persistent = {k: new for k, (_, new) in applied.items() if k != "stop_at_step"}
+        config["train"].update(persistent)
+        config.setdefault("resumes", []).append({
+            "at_step": at_step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "changes": {k: {"from": old, "to": new} for k, (old, new) in applied.items()}})
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+        for name, (old, new) in applied.items():
+            if name != "epochs":  # epochs: _stretch_schedule prints the new horizon
+                print(f"nfnets: resume: --{name.replace('_', '-')} {old} → {new} (applied"
+                      f"{'' if name == 'stop_at_step' else '; recorded in config.json'})")
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Forget metrics.jsonl records past the checkpoint resumed from: they are redone."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) > step:
+                    continue
+            except ValueError:  # a line cut by a kill: dropped too
+                continue
+            kept.append(line)
+        if len(kept) != len(lines):
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
     def progress(self, epoch: int, steps: int, done: int):
         try:
@@ -648,8 +1019,15 @@ class _Logger:
               f"({state['seconds']:.0f}s)", flush=True)
 
     def _write(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            failure = disk_error(path, err)
+            if failure is None:
+                raise
+            raise RunFailed(f"{failure}; {_intact(self.out)}") from None
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, float):
@@ -672,7 +1050,9 @@ class _Logger:
         self.close()
         print(f"nfnets: done. val top-1 {_fmt(summary['val_top1'], 2)}%, EMA top-1 "
               f"{_fmt(summary['val_top1_ema'], 2)}%, {summary['steps']} steps in "
-              f"{summary['seconds']:.0f}s. Run directory: {self.out}")
+              f"{summary['seconds']:.0f}s, {summary['skipped_images']} unreadable images "
+              f"skipped, {summary['nonfinite_steps']} non-finite steps skipped. Run "
+              f"directory: {self.out}")
         if plots:
             print(f"nfnets: plots: {', '.join(str(p) for p in plots)}")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import pickle
 import re
@@ -39,9 +40,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .checkpoint import list_checkpoints
+from .checkpoint import list_checkpoints, manifest_path, verify_checkpoint
 from .errors import CheckpointError, UsageError
 from .files import atomic_write
+from .integrity import verify_tensors, with_digest
+from .untrusted import load_torch_archive
 from .wrappers import unwrap
 
 __all__ = [
@@ -173,16 +176,76 @@ def _latin1_encode(text: str, encoding: str) -> bytes:
     return text.encode("latin1")
 
 
+class _NdarrayClass:
+    """Stands for ``numpy.ndarray`` in an official pickle: only ``_reconstruct`` may use it.
+
+    Calling it (``ndarray(shape, dtype)`` via REDUCE) would allocate an array of any declared
+    shape from a few bytes of file, so it is refused; official files never do it.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise CheckpointError("the pickle calls numpy.ndarray directly, which official NFNet "
+                              "checkpoints never do (an array not backed by the file's bytes)")
+
+
+_NDARRAY = _NdarrayClass()
+
+
+class _PendingArray:
+    """What ``_reconstruct`` returns; its ``__setstate__`` builds the array after checking that
+    the declared shape and dtype are exactly what the bytes in the file hold."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise CheckpointError("malformed array state in the pickle")
+        shape, dtype, _, data = state[-4:]
+        if not isinstance(shape, tuple) or not all(
+                isinstance(n, int) and 0 <= n for n in shape) or len(shape) > 8:
+            raise CheckpointError(f"malformed array shape {shape!r} in the pickle")
+        # Plain numbers only (float32 itself is required later, with the parameter's name).
+        if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or dtype.itemsize > 16:
+            raise CheckpointError(f"an array of dtype {dtype!r}; official NFNet checkpoints "
+                                  "hold float32 arrays only")
+        if not isinstance(data, bytes):
+            raise CheckpointError("an array whose data is not a byte string")
+        declared = math.prod(shape) * dtype.itemsize
+        if declared != len(data):
+            raise CheckpointError(
+                f"an array declares shape {shape} ({declared:,} bytes of {dtype}) but the file "
+                f"holds {len(data):,} bytes for it; damaged or crafted, refused before "
+                "allocating it")
+        array = _numpy_multiarray()._reconstruct(np.ndarray, (0,), b"b")
+        array.__setstate__(state)
+        self.array = array
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _PendingArray:
+    # numpy pickles an array as _reconstruct(ndarray, (0,), b'b') followed by __setstate__;
+    # any other shape here would allocate memory the file does not pay for.
+    if cls is not _NDARRAY or shape != (0,):
+        raise CheckpointError(f"refusing _reconstruct({shape!r}): official NFNet checkpoints "
+                              "only reconstruct empty arrays and fill them from the file")
+    return _PendingArray()
+
+
+def _scalar(dtype: Any, data: Any = None) -> Any:
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" \
+            or not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise CheckpointError("a NumPy scalar that is not one plain number")
+    return _numpy_multiarray().scalar(dtype, data)
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
-    multiarray = _numpy_multiarray()
     allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "ndarray"): _NDARRAY,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _latin1_encode,
     }
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = multiarray._reconstruct
-        allowed[(module, "scalar")] = multiarray.scalar
+        allowed[(module, "_reconstruct")] = _reconstruct
+        allowed[(module, "scalar")] = _scalar
     # Haiku's containers pickle as a call of the class on a plain dict, so dict rebuilds them.
     for module in ("haiku._src.data_structures", "haiku.data_structures"):
         for name in ("FlatMapping", "FlatMap", "frozendict"):
@@ -233,14 +296,31 @@ def read_official_checkpoint(path: PathLike) -> dict[str, dict[str, np.ndarray]]
     with f:
         try:
             tree = _OfficialUnpickler(f, path).load()
-        except CheckpointError:
-            raise
+        except CheckpointError as err:
+            if str(path) in str(err):
+                raise
+            raise CheckpointError(f"{path}: {err}") from None
         except Exception as err:  # untrusted bytes can fail in many ways; report them alike
             raise CheckpointError(
                 f"{path} cannot be read as an official NFNet checkpoint: truncated or not a "
                 f"pickle, or built differently ({type(err).__name__}: {err})"
             ) from err
-    return _validate_tree(tree, path)
+    return _validate_tree(_resolve_arrays(tree), path)
+
+
+def _resolve_arrays(obj: Any, depth: int = 0) -> Any:
+    """Replace each ``_PendingArray`` by its array, in the dicts and lists of the tree."""
+    if isinstance(obj, _PendingArray):
+        if obj.array is None:
+            raise CheckpointError("an array that was never filled (no __setstate__)")
+        return obj.array
+    if depth > 4:  # official trees are two levels deep
+        return obj
+    if isinstance(obj, dict):
+        return {k: _resolve_arrays(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_resolve_arrays(v, depth + 1) for v in obj]
+    return obj
 
 
 def _validate_tree(tree: Any, path: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -558,6 +638,7 @@ def _model_metadata(model: nn.Module, extra: Mapping[str, Any] | None) -> dict[s
 def _write_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                        path: PathLike) -> None:
     """Write a safetensors file atomically (see ``nfnets.files.atomic_write``)."""
+    metadata = with_digest(tensors, metadata)  # verified on load (nfnets.integrity)
     atomic_write(path, lambda tmp: safetensors.torch.save_file(dict(tensors), tmp,
                                                                metadata=dict(metadata)))
 
@@ -618,6 +699,7 @@ def load_weights(path: PathLike, map_location: str | torch.device = "cpu") -> nn
     with torch.device("meta"):
         model = create_model(metadata["model_name"], **metadata["model_kwargs"])
     state_dict = safetensors.torch.load_file(str(path), device=str(torch.device(map_location)))
+    verify_tensors(state_dict, _read_safetensors_metadata(Path(path)), path)
     _check_fits(model, state_dict, path, metadata, skip_classifier=False)
     model.load_state_dict(state_dict, assign=True)
     return model
@@ -665,10 +747,13 @@ def _sniff(path: Path) -> str:
         head = f.read(16)
     if head.startswith(b"PK\x03\x04"):
         return "torch"
+    # Before the pickle test: a safetensors header length can start with 0x80 too (a header
+    # of 128 + 256k bytes), so its own shape decides: a '{' after a length the file can hold.
+    if len(head) >= 9 and head[8:9] == b"{" and (
+            int.from_bytes(head[:8], "little") <= path.stat().st_size - 8):
+        return "safetensors"
     if head.startswith(b"\x80"):
         return "official"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
     raise CheckpointError(
         f"{path}: unrecognised weights file (first bytes {head[:8]!r}); expected an official "
         "NFNet pickle (F*_haiku.npz), an nfnets .safetensors file, a torch state dict or an "
@@ -676,12 +761,48 @@ def _sniff(path: Path) -> str:
     )
 
 
-def _read_official(path: Path) -> tuple[str, dict[str, torch.Tensor], str | None]:
+def _read_official(path: Path, check: Callable[[str, dict[str, torch.Tensor]], None] | None = None
+                   ) -> tuple[str, dict[str, torch.Tensor], str | None]:
     """(family, state dict in our naming, MD5 for a file named like a release) of an official
-    file: the one loader behind ``load_pretrained``, ``load_model`` and ``convert_official``."""
+    file: the one loader behind ``load_pretrained``, ``load_model`` and ``convert_official``.
+
+    ``check(family, declared)`` sees the converted state dict's keys and shapes as meta
+    tensors before anything is converted: layouts are only copied once they fit the target.
+    """
     md5 = _check_release_md5(path)
-    family, state_dict = official_to_state_dict(read_official_checkpoint(path))
+    tree = read_official_checkpoint(path)  # every array backed by bytes the file holds
+    if check is not None:
+        check(*_declared_state_dict(tree))
+    family, state_dict = _convert_releasing(tree)
     return family, state_dict, md5
+
+
+def _convert_releasing(tree: dict[str, dict[str, np.ndarray]]
+                       ) -> tuple[str, dict[str, torch.Tensor]]:
+    """``official_to_state_dict`` that drops each array from ``tree`` once it is converted.
+
+    The permuted copies and the file's arrays then never coexist in full: loading peaks near
+    the file's size plus the largest tensor, instead of twice the file's size.
+    """
+    family, params = _official_params(tree)
+    plan = _unique((key, axes) for key, _, axes in params)  # names checked, nothing copied
+    order = [(module, name) for module, names in tree.items() for name in names]
+    state_dict = {}
+    for (key, axes), (module, name) in zip(plan.items(), order, strict=True):
+        tensor = torch.from_numpy(tree[module].pop(name))
+        state_dict[key] = tensor if axes is None else tensor.permute(axes).contiguous()
+        del tensor  # the source array goes with its last reference
+    return family, state_dict
+
+
+def _declared_state_dict(tree: Mapping[str, Mapping[str, np.ndarray]]
+                         ) -> tuple[str, dict[str, torch.Tensor]]:
+    """(family, {our key: meta tensor of the converted shape}): no memory, no copy."""
+    family, params = _official_params(tree)
+    return family, _unique(
+        (key, torch.empty(array.shape if axes is None else tuple(array.shape[a] for a in axes),
+                          device="meta"))
+        for key, array, axes in params)
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -701,10 +822,9 @@ def _load_torch_file(path: Path) -> Any:
             f"{path} is a zip archive but not a torch checkpoint (a real NumPy .npz?). "
             "DeepMind's F*_haiku.npz files are pickles despite the suffix; this one is not."
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: torch could not load it safely ({err})") from err
+    if manifest_path(path).exists():  # a training checkpoint with its SHA-256 manifest
+        verify_checkpoint(path)
+    return load_torch_archive(path)  # stored members only; torch's advice to unpickle dropped
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
@@ -769,6 +889,7 @@ def _read_safetensors(path: Path, ema: bool | None, config: dict[str, Any] | Non
         )
     raw = _read_safetensors_metadata(path)
     state_dict = safetensors.torch.load_file(str(path))
+    verify_tensors(state_dict, raw, path)  # the content SHA-256 save_weights recorded
     if raw.get("format") != _FORMAT:
         return _Source(state_dict, path, bool(ema))
     metadata = _parse_metadata(raw, path)
@@ -797,7 +918,8 @@ def _read_run(run: Path, ema: bool | None) -> _Source:
                           f"{RUN_WEIGHTS[False]} or checkpoints/step_*.pt")
 
 
-def _read_source(source: PathLike, ema: bool | None) -> _Source:
+def _read_source(source: PathLike, ema: bool | None,
+                 check: Callable[[str, dict[str, torch.Tensor]], None] | None = None) -> _Source:
     """Read any supported source. ``ema``: True (the EMA weights, an error if there are none),
     False (the raw weights) or None (the EMA weights when the source has them, else the raw)."""
     path = Path(source)
@@ -814,7 +936,7 @@ def _read_source(source: PathLike, ema: bool | None) -> _Source:
         # DeepMind ship one set of weights per file and do not say if it is the EMA copy
         raise CheckpointError(f"{path} is an official checkpoint with a single set of weights; "
                               "drop --ema")
-    family, state_dict, _ = _read_official(path)
+    family, state_dict, _ = _read_official(path, check)
     return _Source(state_dict, path, False, family=family, facts=[{"source_file": path.name}])
 
 
@@ -833,8 +955,12 @@ def load_pretrained(model: nn.Module, source: PathLike, *, skip_classifier: bool
     other classes. ``assign=True`` adopts the loaded tensors as the parameters (for a model
     built on the meta device).
     """
-    loaded = _read_source(source, ema)
     target = unwrap(model)
+
+    def fits(family: str, declared: dict[str, torch.Tensor]) -> None:
+        _check_fits(target, declared, Path(source), {}, skip_classifier)
+
+    loaded = _read_source(source, ema, check=fits)  # official files: checked before converting
     _check_fits(target, loaded.state_dict, loaded.path, loaded.metadata, skip_classifier)
     state_dict = loaded.state_dict
     if skip_classifier:
@@ -944,7 +1070,7 @@ def load_model(source: PathLike, *, model_name: str | None = None, ema: bool = F
     """
     from . import create_model
 
-    loaded = _read_source(source, ema)
+    loaded = _read_source(source, ema, check=_claimed_variant_check(Path(source), model_name))
     name, kwargs = _architecture(loaded, model_name)
     try:
         # Built on the meta device, the model costs no memory and no initialisation (seconds
@@ -956,6 +1082,21 @@ def load_model(source: PathLike, *, model_name: str | None = None, ema: bool = F
     _check_fits(model, loaded.state_dict, loaded.path, loaded.metadata, skip_classifier=False)
     model.load_state_dict(loaded.state_dict, assign=True)
     return model.to(map_location).eval(), _inference_info(model, loaded)
+
+
+def _claimed_variant_check(path: Path, model_name: str | None
+                           ) -> Callable[[str, dict[str, torch.Tensor]], None]:
+    """A ``_read_official`` check: the declared shapes fit the variant the tree claims (or
+    ``model_name``), before any array is converted."""
+    def check(family: str, declared: dict[str, torch.Tensor]) -> None:
+        from . import create_model
+
+        name, kwargs = _architecture(_Source(declared, path, False, family=family), model_name)
+        with torch.device("meta"):
+            model = create_model(name, **kwargs)
+        _check_fits(model, declared, path, {}, skip_classifier=False)
+
+    return check
 
 
 def convert_official(src: PathLike, dst: PathLike, model_name: str | None = None) -> str:
@@ -970,7 +1111,7 @@ def convert_official(src: PathLike, dst: PathLike, model_name: str | None = None
     if _sniff(src) != "official":
         raise CheckpointError(f"{src} is not an official NFNet checkpoint (a pickle such as "
                               "F0_haiku.npz)")
-    family, state_dict, md5 = _read_official(src)
+    family, state_dict, md5 = _read_official(src, _claimed_variant_check(src, model_name))
     loaded = _Source(state_dict, src, False, family=family)
     name, kwargs = _architecture(loaded, model_name)
     # Shapes are all the check needs: build on the meta device (no memory, no init cost).

@@ -17,6 +17,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from ..errors import CheckpointError, DataError, RunFailed, UsageError
@@ -35,6 +36,7 @@ COMMANDS = {
     "convert": ("convert", "convert DeepMind's F*_haiku.npz to safetensors"),
     "export": ("export", "export a fused model to ONNX"),
     "plot": ("plot", "draw the training curves of a run as PNG files"),
+    "spp": ("spp", "signal propagation plots of a model (at init or trained), vs batch norm"),
 }
 
 
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Normalizer-Free Networks (NFNets) in PyTorch: models, AGC, the training "
         "recipe, official weights.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in COMMANDS.items():
         module = _module(name)
@@ -71,10 +74,32 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def _version() -> str:
+    from .. import __version__
+
+    return f"nfnets {__version__}"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, without the Python file and line that raised them."""
+    text = " ".join(str(message).split())
+    print(f"nfnets: warning: {text}", file=file or sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nfnets`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
+    previous = warnings.showwarning
+    if not os.environ.get("NFNETS_DEBUG"):
+        warnings.showwarning = _show_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.showwarning = previous
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args._run(args) or 0)
     except USER_ERRORS as err:

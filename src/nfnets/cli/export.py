@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 from ..errors import UsageError
@@ -24,6 +25,10 @@ def run(args: argparse.Namespace) -> int:
     """Fuse WS into plain convs and export to ONNX, checked against PyTorch."""
     from ..export import export_onnx
 
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:  # before loading anything: one line, not a traceback around the ImportError
+        raise UsageError(f"nfnets export needs {' and '.join(missing)}: pip install "
+                         "'nfnets[export]'")
     source = Path(args.source)
     if source.exists():
         from ..weights import load_model

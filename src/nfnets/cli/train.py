@@ -11,16 +11,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import list_checkpoints
 from ..errors import UsageError
-from ..train import TrainConfig, train
+from ..train import TrainConfig, stop_exit_code, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``nfnets train``: one per TrainConfig field (defaults: the paper's recipe)."""
-    parser.add_argument("--config", help="JSON file of TrainConfig fields read first")
+    parser.add_argument("--config", help="JSON file of TrainConfig fields read first; a run's "
+                        "own config.json works too (its 'train' section is used)")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its newest checkpoint; 'auto': "
-                        "continue the run in --out if it has a checkpoint, else start it")
+                        help="continue the run in RUN_DIR from its newest good checkpoint; "
+                        "flags given with it are applied (epochs, session settings) or refused; "
+                        "'auto': continue the run in --out if it has a checkpoint, else start it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in --out even if it holds one (the old run is "
+                        "moved aside to OUT.replaced-TIME, never deleted)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="start N DDP processes on this machine (as torchrun would)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -80,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             else f"{helps[f.name]} (default: {default})")
 
 
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+def _given_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields the user gave: from --config, then from flags."""
     values: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)
@@ -88,10 +95,12 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise FileNotFoundError(f"--config: no such file: {path}")
         try:
             values = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except ValueError as err:
             raise UsageError(f"--config: {path} is not valid JSON ({err})") from None
         if not isinstance(values, dict):
             raise UsageError(f"--config: {path} must hold a JSON object of TrainConfig fields")
+        if isinstance(values.get("train"), dict):  # a run's own config.json
+            values = {k: v for k, v in values["train"].items() if k != "stop_at_step"}
         unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown:
             raise UsageError(f"--config: unknown keys {sorted(unknown)}")
@@ -99,40 +108,69 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, f.name, None)
         if value is not None:
             values[f.name] = value
-    model_args = dict(values.get("model_args", {}))
-    for item in args.model_arg:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            model_args[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            model_args[key] = text
-    values["model_args"] = model_args
-    return TrainConfig(**values)
+    if args.model_arg:
+        model_args = dict(values.get("model_args", {}))
+        for item in args.model_arg:
+            key, sep, text = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--model-arg expects KEY=VALUE, got {item!r}")
+            try:
+                model_args[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                model_args[key] = text
+        values["model_args"] = model_args
+    return values
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    try:
+        return TrainConfig(**_given_values(args))
+    except TypeError as err:
+        raise UsageError(f"--config: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    """``nfnets train``: parse, maybe relaunch under DDP, train."""
-    cfg = _config_from_args(args)
+    """``nfnets train``: parse, maybe relaunch under DDP, train; 128+N after signal N."""
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    values = _given_values(args)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(cfg, args)
-    train(cfg, resume=args.resume)
+        return _launch(values, args)  # each process resolves --resume auto itself
+    resume = _resolve_resume(args.resume, values)
+    cfg = TrainConfig(**values) if not resume else TrainConfig()
+    result = train(cfg, resume=resume, changes=values if resume else None,
+                   overwrite=args.overwrite)
+    if result.get("signal"):
+        return stop_exit_code(result["signal"])
     return 0
 
 
-def _launch(cfg: TrainConfig, args: argparse.Namespace) -> int:
+def _resolve_resume(resume: str | None, values: dict[str, Any]) -> str | None:
+    """``--resume auto``: the run in ``--out`` if it has a checkpoint, else None (start it)."""
+    if resume != "auto":
+        return resume
+    out = values.get("out", TrainConfig.out)
+    return out if list_checkpoints(Path(out) / "checkpoints") else None
+
+
+def _launch(values: dict[str, Any], args: argparse.Namespace) -> int:
     """Re-run this command in ``--nproc`` processes through PyTorch's elastic launcher."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(dataclasses.asdict(cfg), f)
+        json.dump(values, f)
     command = [f"--nproc-per-node={args.nproc}", "--standalone", "-m", "nfnets", "train",
                "--config", f.name]
     if args.resume:
         command += ["--resume", args.resume]
+    if args.overwrite:
+        command += ["--overwrite"]
     try:
         torchrun(command)
+    except ChildFailedError as err:  # the ranks printed their own messages
+        return next((failure.exitcode for failure in err.failures.values()
+                     if failure.exitcode and failure.exitcode > 0), 1)
     finally:
         os.unlink(f.name)
     return 0
