@@ -53,7 +53,7 @@ from .data import (
     digits_datasets,
     digits_recipe_changes,
     eval_loader,
-    imagenet_datasets,
+    open_datasets,
     train_loader,
 )
 from .distributed import (
@@ -96,7 +96,8 @@ DIGITS_MODEL_CHANGES = {
 class TrainConfig:
     """Every choice of a training run; ``None`` means "the recipe's value for this variant"."""
 
-    data: str = "digits"  # 'digits' or an ImageNet-style folder (train/CLASS/*, val/CLASS/*)
+    data: str = "digits"  # 'digits', an ImageNet-style folder, 'wds:PATTERN' or 'hf:NAME_OR_PATH'
+    pipeline: str = "fast"  # 'fast' (uint8 workers, batch stage on the GPU) or 'exact'
     model: str | None = None  # default: nfnet_f0 (digits: a scaled-down F0, see DIGITS_MODEL)
     model_args: dict[str, Any] = field(default_factory=dict)  # create_model overrides
     out: str = "runs/nfnets"
@@ -223,7 +224,8 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
     loader, sampler = train_loader(
         train_set, batch_size=micro_batch, augment=augment,
         label_smoothing=cfg.label_smoothing, seed=cfg.seed, rank=rank, world_size=world,
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        device=None if cfg.pipeline == "exact" else device)  # batch stage on the GPU if any
     val_loader = eval_loader(val_set, batch_size=cfg.eval_batch_size, rank=rank,
                              world_size=world, num_workers=cfg.num_workers)
     steps_per_epoch = sampler.batches_per_epoch // cfg.grad_accum
@@ -627,6 +629,7 @@ def resume_config(run_dir: str | os.PathLike, changes: dict[str, Any]
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"--resume: {path} has no 'train' section; it was not written "
                               "by nfnets train, or it is damaged") from None
+    saved.setdefault("pipeline", "exact")  # runs from before the fast pipeline used the exact one
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     restored = TrainConfig(**{k: v for k, v in saved.items() if k in known})
     restored.out, restored.stop_at_step = str(run_dir), None  # stop_at_step: this session only
@@ -688,6 +691,8 @@ def _validate(cfg: TrainConfig) -> None:
     problems = []
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         problems.append(f"--precision must be fp32, bf16 or fp16, not {cfg.precision!r}")
+    if cfg.pipeline not in ("fast", "exact"):
+        problems.append(f"--pipeline must be fast or exact, not {cfg.pipeline!r}")
     for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints", "eval_batch_size",
                  "max_nonfinite", "log_every"):
         if getattr(cfg, name) < 1:
@@ -782,9 +787,8 @@ def _teardown(world: int) -> None:
 def _datasets(cfg: TrainConfig):
     if cfg.data == "digits":
         return digits_datasets(cfg.train_size, seed=cfg.seed)
-    return imagenet_datasets(cfg.data, cfg.train_size, cfg.test_size)
-
-
+    return open_datasets(cfg.data, cfg.train_size, cfg.test_size,
+                         exact=cfg.pipeline == "exact")
 
 
 def _should_save(cfg: TrainConfig, state: dict) -> bool:

@@ -36,6 +36,7 @@ COMMANDS = {
     "convert": ("convert", "convert DeepMind's F*_haiku.npz to safetensors"),
     "export": ("export", "export a fused model to ONNX"),
     "plot": ("plot", "draw the training curves of a run as PNG files"),
+    "prepare": ("prepare", "write a dataset (folder, wds:, hf:) as WebDataset shards"),
     "spp": ("spp", "signal propagation plots of a model (at init or trained), vs batch norm"),
 }
 

@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="create_model override, e.g. width=0.5 or depths=[1,1,2,1]")
     helps = {
-        "data": "'digits' (bundled) or an ImageNet-style folder with train/ and val/",
+        "data": "'digits' (bundled), an ImageNet-style folder with train/ and val/, "
+                "'wds:PATTERN' (WebDataset shards) or 'hf:NAME_OR_PATH' (Hugging Face datasets)",
+        "pipeline": "'fast': uint8 from workers, mixing/RandAugment/normalising batched on "
+                    "the GPU; 'exact': the float per-worker pipeline (see docs/data.md)",
         "model": "model name (see nfnets list); recipe: nfnet_f0, digits: a scaled-down F0",
         "out": "run directory",
         "epochs": "training epochs (recipe: 360; digits: 15)",
