@@ -6,6 +6,9 @@ with the Haiku axis conventions translated to PyTorch ones. Two entry points:
 - :func:`adaptive_clip_grad_` clips the ``.grad`` of a list of parameters in place;
 - :class:`AGC` wraps any ``torch.optim.Optimizer`` and clips before each of its steps, with a
   per-parameter-group ``clipping`` factor (``None`` = not clipped).
+
+Both take FSDP2-sharded parameters (``DTensor``) as well; see :func:`_clip_sharded` and
+``docs/distributed.md``: the result is that of AGC on the full tensors.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 __all__ = ["AGC", "ClipStats", "adaptive_clip_grad_", "unit_count"]
@@ -184,6 +188,10 @@ def adaptive_clip_grad_(
     processed with multi-tensor (``torch._foreach_*``) kernels; norms are taken in at least
     float32. No host synchronisation happens. Works under ``torch.compile``.
 
+    Sharded parameters (``DTensor``, e.g. from FSDP2's ``fully_shard``) are clipped exactly as
+    their full tensors would be, with one all-reduce for the whole call (see
+    :func:`_clip_sharded`); the returned count is then the global one, on every rank.
+
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
         clipping: the clipping factor λ (> 0); the paper uses 0.01 for batch 1024-4096.
@@ -202,6 +210,8 @@ def adaptive_clip_grad_(
     params = _params_with_grad(parameters)
     if not params:
         return ClipStats(torch.zeros((), dtype=torch.int64), 0)
+    if any(_is_dtensor(p) for p in params):
+        return _clip_sharded([(p, clipping) for p in params], eps)
 
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for p in params:
@@ -216,6 +226,142 @@ def _sum_on_first_device(counts: list[torch.Tensor]) -> torch.Tensor:
         return counts[0]
     device = counts[0].device
     return torch.stack([c.to(device, non_blocking=True) for c in counts]).sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded parameters (FSDP2 DTensors)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+class _ShardPlan(NamedTuple):
+    """How one DTensor parameter's AGC units lie on this rank."""
+
+    param: torch.Tensor
+    clipping: float
+    kind: str  # "rows": units whole here; "partial": norms need the all-reduce; "full": local
+    weight: torch.Tensor  # local shard of the parameter (plain tensor)
+    grad: torch.Tensor  # local shard of its gradient (plain tensor, clipped in place)
+
+
+def _plan_shard(param: torch.Tensor, clipping: float) -> _ShardPlan:
+    """Classify a DTensor parameter by where its AGC units are.
+
+    FSDP2 shards dim 0 (``Shard(0)``): a multi-unit tensor (conv, Linear) keeps each output
+    unit whole on one rank ("rows": exact norms from the local shard, even a ragged or empty
+    one), while a one-unit tensor (vector, scalar, squeeze-rule (out, 1, 1, 1)) is split across
+    ranks and its norm is a sum of per-rank squares ("partial"). A multi-unit tensor sharded on
+    another dim has every unit split ("partial", per unit). Replicated tensors are "full".
+    """
+    grad = param.grad
+    if not _is_dtensor(grad) or grad.placements != param.placements:
+        raise ValueError(
+            f"AGC: the gradient of a sharded parameter of shape {tuple(param.shape)} is laid "
+            f"out as {getattr(grad, 'placements', 'a plain tensor')}, its parameter as "
+            f"{param.placements}; clip after the gradients are reduce-scattered (after backward)"
+        )
+    if any(pl.is_partial() for pl in param.placements):
+        raise ValueError("AGC: partial (unreduced) DTensor gradients cannot be clipped")
+    dims = {pl.dim for pl in param.placements if pl.is_shard()}
+    if not dims:
+        kind = "full"
+    elif not _is_one_unit(param.shape) and dims == {0}:
+        kind = "rows"
+    elif _is_one_unit(param.shape) or 0 not in dims:
+        kind = "partial"
+    else:
+        raise ValueError(
+            f"AGC: a parameter of shape {tuple(param.shape)} is sharded on dim 0 and on other "
+            f"dims ({param.placements}); its units are neither whole nor replicated per rank"
+        )
+    return _ShardPlan(param, clipping, kind, param.detach().to_local(), grad.to_local())
+
+
+def _shard_group(plans: list[_ShardPlan]) -> tuple[Any, tuple[int, ...]]:
+    """(device mesh, mesh dims to reduce over): the same for every sharded parameter."""
+    # DeviceMesh compares by its ranks and device type: meshes built by separate fully_shard
+    # calls over the same ranks are one layout.
+    layouts = {(p.param.device_mesh,
+                tuple(i for i, pl in enumerate(p.param.placements) if pl.is_shard()))
+               for p in plans if p.kind != "full"}
+    if len(layouts) > 1:
+        raise ValueError(
+            "AGC: sharded parameters on different device meshes or mesh dims are clipped in "
+            "one call; clip each layout with its own call"
+        )
+    for p in plans:
+        if p.kind != "full":
+            return p.param.device_mesh, layouts.pop()[1]
+    return None, ()
+
+
+def _sum_squares(t: torch.Tensor, per_unit: bool, dtype: torch.dtype) -> torch.Tensor:
+    dims = tuple(range(1, t.ndim)) if per_unit else None
+    return torch.linalg.vector_norm(t, dim=dims, dtype=dtype).square().reshape(-1)
+
+
+def _apply_clip(plan: _ShardPlan, weight_norm: torch.Tensor, grad_norm: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    max_norm = weight_norm.clamp_min(eps).mul_(plan.clipping)
+    clip, scale = _clip_scale(max_norm, grad_norm)
+    per_unit = plan.kind == "rows" or not _is_one_unit(plan.param.shape)
+    shape = (-1, *([1] * (plan.grad.ndim - 1))) if per_unit else ()
+    plan.grad.mul_(scale.reshape(shape))
+    return clip.sum()
+
+
+def _clip_sharded(entries: list[tuple[torch.Tensor, float]], eps: float) -> ClipStats:
+    """AGC on DTensor (and plain) parameters, equal to AGC on the full tensors.
+
+    Unit norms come from the local shards where the unit is whole; the squared norms of split
+    units (weights and gradients), together with the count of clipped whole units, travel in
+    ONE all-reduce over the mesh dims that shard them; then every rank rescales its own shard.
+    Split units get the same norms on every rank, so their clip decision agrees everywhere.
+    """
+    plain = [(p, c) for p, c in entries if not _is_dtensor(p)]
+    plans = [_plan_shard(p, c) for p, c in entries if _is_dtensor(p)]
+    mesh, mesh_dims = _shard_group(plans)
+    norm_dtype = torch.float32
+    for p, _ in entries:
+        norm_dtype = torch.promote_types(norm_dtype, p.dtype)
+    device = plans[0].grad.device
+
+    # Units whole on this rank: clip now; their clip count joins the all-reduce.
+    local_clips = torch.zeros((), dtype=norm_dtype, device=device)
+    after_clips = []  # counts every rank computes identically (replicated or reduced units)
+    for plan in plans:
+        if plan.kind == "partial":
+            continue
+        per_unit = not _is_one_unit(plan.param.shape)
+        w = _sum_squares(plan.weight, per_unit, norm_dtype).sqrt()
+        g = _sum_squares(plan.grad, per_unit, norm_dtype).sqrt()
+        clipped = _apply_clip(plan, w, g, eps)
+        if plan.kind == "rows":
+            local_clips = local_clips + clipped
+        else:
+            after_clips.append(clipped)
+
+    split = [p for p in plans if p.kind == "partial"]
+    squares = [_sum_squares(t, not _is_one_unit(p.param.shape), norm_dtype)
+               for p in split for t in (p.weight, p.grad)]
+    buffer = torch.cat([*squares, local_clips.reshape(1)])
+    for mesh_dim in mesh_dims:
+        dist.all_reduce(buffer, group=mesh.get_group(mesh_dim))
+    pieces = buffer[:-1].split([s.numel() for s in squares])
+    for i, plan in enumerate(split):
+        after_clips.append(_apply_clip(plan, pieces[2 * i].sqrt(), pieces[2 * i + 1].sqrt(), eps))
+    clipped = buffer[-1].round().to(torch.int64)
+    for count in after_clips:
+        clipped = clipped + count.to(device)
+
+    # Plain tensors among them (e.g. parameters FSDP was told to ignore) are local everywhere.
+    units = sum(unit_count(p.shape) for p, _ in entries)
+    for clipping in {c for _, c in plain}:
+        stats = adaptive_clip_grad_([p for p, c in plain if c == clipping], clipping, eps)
+        clipped = clipped + stats.clipped.to(device)
+    return ClipStats(clipped, units)
 
 
 class AGC(Optimizer):
@@ -281,6 +427,13 @@ class AGC(Optimizer):
             clipping = group.get("clipping", self.clipping)
             if clipping is not None:
                 by_factor.setdefault(clipping, []).extend(group["params"])
+        sharded = [p for ps in by_factor.values() for p in ps
+                   if p.grad is not None and _is_dtensor(p)]
+        if sharded:  # one all-reduce for all factors (see _clip_sharded)
+            for ps in by_factor.values():
+                _params_with_grad(ps)  # the same checks as the plain path
+            return _clip_sharded([(p, c) for c, ps in by_factor.items() for p in ps
+                                  if p.grad is not None], self.eps)
         stats = [adaptive_clip_grad_(ps, c, self.eps) for c, ps in by_factor.items()]
         if not stats:
             return ClipStats(torch.zeros((), dtype=torch.int64), 0)

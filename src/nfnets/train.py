@@ -11,7 +11,9 @@ with a checkpoint on SIGTERM, SIGINT or SIGUSR1 (docs/reliability.md).
 
 Run it with ``nfnets train`` (bundled digits demo), ``nfnets train --data DIR --model
 nfnet_f0`` (ImageNet-style folder), ``torchrun --nproc-per-node N -m nfnets train ...`` or
-``nfnets train --nproc N`` (DDP: gloo on CPU, NCCL on GPU; the global batch is split).
+``nfnets train --nproc N`` (DDP: gloo on CPU, NCCL on GPU; the global batch is split); add
+``--fsdp`` to shard parameters, gradients and optimizer state with FSDP2 instead
+(:mod:`nfnets.distributed`, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ from .data import (
     eval_loader,
     open_datasets,
     train_loader,
+)
+from .distributed import (
+    check_same_device_type,
+    discard_unreduced_grads,
+    full_model_state,
+    full_optimizer_state,
+    gathered,
+    gradient_sync,
+    load_full_model_state,
+    load_full_optimizer_state,
+    shard_model,
+    sync_replicated_grads,
 )
 from .errors import CheckpointError, NFNetsError, RunFailed, UsageError
 from .files import atomic_write, disk_error, remove_temp_files
@@ -109,6 +123,7 @@ class TrainConfig:
     compile: bool = False
     grad_accum: int = 1
     grad_checkpointing: bool = False
+    fsdp: bool = False  # shard with FSDP2 (one unit per block + root) instead of DDP
     num_workers: int = 0
     seed: int = 0
     # fine-tune (nfnets.finetune preset): weights file, run, released name or hf-hub: name;
@@ -182,8 +197,14 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, *,
     applied and recorded, or refused with its reason (see ``resume_config``). SIGTERM, SIGINT
     and SIGUSR1 stop the run after the current step with a checkpoint; the summary is then
     ``{"stopped_at_step": N, "signal": signum}``.
+
+    ``resume="auto"`` continues the run in ``cfg.out`` when it has a checkpoint and starts it
+    afresh otherwise, so that a job script (or torchrun restarting a failed group) can be
+    re-run unchanged.
     """
     applied: dict[str, tuple[Any, Any]] = {}
+    if resume == "auto":  # a run with a checkpoint continues; otherwise a fresh start
+        resume = cfg.out if list_checkpoints(Path(cfg.out) / "checkpoints") else None
     if resume is not None:
         if overwrite:
             raise UsageError("--overwrite and --resume contradict each other: --resume "
@@ -242,6 +263,10 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    ema = EMA(model, cfg.ema_decay)
+    if cfg.fsdp:  # the EMA sharded the same way: its update is then local to each shard
+        shard_model(model, cfg.precision)
+        shard_model(ema.module, cfg.precision)
     optimizer = sgd_agc(model, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                         clipping=cfg.clipping or None)
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
@@ -250,7 +275,6 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
                       f"({cfg.epochs} epochs): the learning rate never reaches its peak "
                       f"{cfg.lr:g}", stacklevel=2)
     scheduler = warmup_cosine_lr(optimizer, min(warmup_steps, total_steps - 1), total_steps)
-    ema = EMA(model, cfg.ema_decay)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     torch.manual_seed(cfg.seed + rank)  # ranks differ only in stochastic depth/dropout draws
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_images": 0,
@@ -265,7 +289,7 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
     elif resume is not None and is_main:
         print(f"nfnets: {out} has no checkpoint yet; starting its run from the beginning")
     ddp_model = model
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(ddp_model) if cfg.compile else ddp_model
@@ -346,6 +370,8 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
         "images_per_second": round(state["images"] / max(state["seconds"], 1e-9), 2),
         "skipped_images": state["skipped_images"], "nonfinite_steps": state["nonfinite_steps"],
     }
+    if cfg.fsdp:  # gathered on every rank, written by rank 0
+        model, ema = _gathered_copies(model, ema, cfg, len(train_set.classes))
     if is_main:
         log.finish(summary, model, ema, train_set)
     del step_model, ddp_model
@@ -373,7 +399,7 @@ def _train_step(model: nn.Module, optimizer, batches, cfg: TrainConfig,
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         last = micro == cfg.grad_accum - 1
-        with nullcontext() if last or world == 1 else model.no_sync():
+        with gradient_sync(model, last or world == 1):
             with autocast:
                 logits = model(images)
             # Logits in float32 for the loss (experiment.py); soft (mixed, smoothed) targets.
@@ -384,11 +410,15 @@ def _train_step(model: nn.Module, optimizer, batches, cfg: TrainConfig,
             if finite.item() < 1:
                 for _ in range(micro + 1, cfg.grad_accum):
                     skipped += next(batches)[2]
+                if cfg.fsdp:
+                    discard_unreduced_grads(model)
                 optimizer.zero_grad(set_to_none=True)
                 return float("nan"), False, skipped
             scaled = loss / cfg.grad_accum
             (scaled if scaler is None else scaler.scale(scaled)).backward()
         total += loss.item() / cfg.grad_accum
+    if cfg.fsdp:
+        sync_replicated_grads(model)
     return total, True, skipped
 
 
@@ -404,8 +434,11 @@ def _evaluate_both(model: nn.Module, ema: EMA, loader, device: torch.device) -> 
     from .evaluate import evaluate
 
     model.eval()
-    raw = evaluate(model, loader, device)
-    averaged = evaluate(ema.module, loader, device)
+    # Sharded models are held gathered: ranks may have different numbers of batches.
+    with gathered(model):
+        raw = evaluate(model, loader, device)
+    with gathered(ema.module):
+        averaged = evaluate(ema.module, loader, device)
     model.train()
     return {"val_top1": raw["top1"], "val_top5": raw["top5"], "val_loss": raw["loss"],
             "val_top1_ema": averaged["top1"], "val_top5_ema": averaged["top5"],
@@ -700,10 +733,30 @@ def _validate(cfg: TrainConfig) -> None:
         problems.append("--precision fp16 needs a GPU; use bf16 on CPU")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is available")
+    if cfg.fsdp:
+        problems += _fsdp_problems(cfg, world)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append("--tensorboard needs the tensorboard package (pip install tensorboard)")
     if problems:
         raise UsageError("; ".join(problems))
+
+
+def _fsdp_problems(cfg: TrainConfig, world: int) -> list[str]:
+    """What ``--fsdp`` cannot do, each with what to do instead."""
+    problems = []
+    if world == 1:
+        problems.append("--fsdp shards the model over processes, but this is one process: "
+                        "start several (nfnets train --nproc N, or torchrun), or drop --fsdp")
+    if cfg.compile:
+        problems.append("--fsdp with --compile is not supported yet (the FSDP hooks would "
+                        "have to be compiled per block): drop --compile")
+    if cfg.precision == "fp16":
+        problems.append("--fsdp with --precision fp16 needs a sharded gradient scaler, which "
+                        "nfnets does not have: use --precision bf16 (no scaling needed)")
+    if cfg.device.startswith("cuda:"):
+        problems.append(f"--device {cfg.device} with --fsdp: each process takes the GPU of "
+                        "its LOCAL_RANK; use --device cuda")
+    return problems
 
 
 def _validate_sizes(cfg: TrainConfig) -> None:
@@ -730,6 +783,8 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        if cfg.fsdp:
+            check_same_device_type(device)
         return dist.get_rank(), world, device
     if cfg.device not in ("auto", "cpu", "cuda"):
         return 0, 1, torch.device(cfg.device)
@@ -775,17 +830,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _save(out: Path, model, ema, optimizer, scheduler, scaler, state, cfg, is_main) -> None:
     # Every rank's RNG would differ; rank 0's checkpoint restores rank 0 exactly, and other
     # ranks reseed deterministically from it on resume.
+    if cfg.fsdp:  # collectives: every rank gathers, rank 0 writes the usual single file
+        weights = full_model_state(model)
+        ema_state = {**ema.state_dict(), "module": full_model_state(ema.module)}
+        optimizer_state = full_optimizer_state(model, optimizer)
+    else:
+        weights, ema_state, optimizer_state = None, None, None
     if not is_main:
         return
-    norms = torch._foreach_norm([p.detach() for p in model.parameters()])
+    if weights is None:
+        weights, ema_state = model.state_dict(), ema.state_dict()
+        optimizer_state = optimizer.state_dict()
+    norms = torch._foreach_norm([w.detach().float() for w in weights.values()])
     if not bool(torch.isfinite(torch.stack(norms)).all()):
         # Never replace a good checkpoint with diverged weights (the run stops soon after).
         print(f"nfnets: weights are not finite at step {state['step']}; checkpoint not written",
               file=sys.stderr)
         return
     checkpoint = {
-        "model": model.state_dict(), "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "model": weights, "ema": ema_state,
+        "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
         "scaler": None if scaler is None else scaler.state_dict(),
         **state, "rng": _rng_state(), "model_name": model.model_name,
         "model_kwargs": model.model_kwargs, "config": dataclasses.asdict(cfg),
@@ -805,13 +869,24 @@ def _intact(out: Path) -> str:
 
 
 def _restore(checkpoint, model, ema, optimizer, scheduler, scaler, state, device) -> None:
+    from .distributed import is_sharded
+
+    sharded = is_sharded(model)
     try:
-        model.load_state_dict(checkpoint["model"])
+        if sharded:  # every rank read the full checkpoint and keeps its own shards
+            load_full_model_state(model, checkpoint["model"])
+        else:
+            model.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
         raise CheckpointError(f"{checkpoint['path']} does not fit this model: {err}") from None
-    ema.load_state_dict(checkpoint["ema"])
-    ema.module.to(device)
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    if sharded:
+        load_full_model_state(ema.module, checkpoint["ema"]["module"])
+        ema.num_updates = int(checkpoint["ema"]["num_updates"])
+        load_full_optimizer_state(model, optimizer, checkpoint["optimizer"])
+    else:
+        ema.load_state_dict(checkpoint["ema"])
+        ema.module.to(device)
+        optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
@@ -820,6 +895,24 @@ def _restore(checkpoint, model, ema, optimizer, scheduler, scaler, state, device
     _set_rng_state(checkpoint["rng"])
     if dist.is_initialized() and dist.get_rank() > 0:
         torch.manual_seed(int(torch.randint(0, 2**31, ())) + dist.get_rank())
+
+
+def _gathered_copies(model, ema: EMA, cfg: TrainConfig, num_classes: int):
+    """Plain (unsharded) CPU copies of a sharded model and its EMA on rank 0 (other ranks get
+    theirs back unchanged); collective."""
+    weights, averaged = full_model_state(model), full_model_state(ema.module)
+    if not weights:  # not rank 0: nothing to write
+        return model, ema
+    copies = []
+    for state in (weights, averaged):
+        plain = create_model(cfg.model, num_classes=num_classes,
+                             stochdepth_rate=cfg.stochdepth_rate, drop_rate=cfg.drop_rate,
+                             **cfg.model_args)
+        plain.load_state_dict(state)
+        copies.append(plain)
+    plain_ema = EMA(copies[1], ema.decay)
+    plain_ema.num_updates = ema.num_updates
+    return copies[0], plain_ema
 
 
 def _diverged_message(cfg: TrainConfig, state: dict, out: Path) -> str:

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import list_checkpoints
 from ..errors import UsageError
 from ..train import TrainConfig, stop_exit_code, train
 
@@ -21,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "own config.json works too (its 'train' section is used)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its newest good checkpoint; "
-                        "flags given with it are applied (epochs, session settings) or refused")
+                        "flags given with it are applied (epochs, session settings) or refused; "
+                        "'auto': continue the run in --out if it has a checkpoint, else start it")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in --out even if it holds one (the old run is "
                         "moved aside to OUT.replaced-TIME, never deleted)")
@@ -57,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "compile": "torch.compile the training step",
         "grad_accum": "micro-batches per optimiser step (gradients averaged, clipped once)",
         "grad_checkpointing": "recompute blocks in backward to save memory (big variants)",
+        "fsdp": "shard parameters, gradients and optimizer state over the processes with "
+                "FSDP2 (one unit per block); AGC stays exact (see docs/distributed.md)",
         "num_workers": "DataLoader worker processes",
         "seed": "seed of the data order, augmentation and initialisation",
         "init_from": "fine-tune from weights: a file, a run dir, a released name (nfnet_f0) or "
@@ -136,14 +140,23 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
     values = _given_values(args)
-    cfg = TrainConfig(**values) if not args.resume else TrainConfig()
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(values, args)
-    result = train(cfg, resume=args.resume, changes=values if args.resume else None,
+        return _launch(values, args)  # each process resolves --resume auto itself
+    resume = _resolve_resume(args.resume, values)
+    cfg = TrainConfig(**values) if not resume else TrainConfig()
+    result = train(cfg, resume=resume, changes=values if resume else None,
                    overwrite=args.overwrite)
     if result.get("signal"):
         return stop_exit_code(result["signal"])
     return 0
+
+
+def _resolve_resume(resume: str | None, values: dict[str, Any]) -> str | None:
+    """``--resume auto``: the run in ``--out`` if it has a checkpoint, else None (start it)."""
+    if resume != "auto":
+        return resume
+    out = values.get("out", TrainConfig.out)
+    return out if list_checkpoints(Path(out) / "checkpoints") else None
 
 
 def _launch(values: dict[str, Any], args: argparse.Namespace) -> int:

@@ -1,0 +1,96 @@
+"""Many nodes: two torchrun "nodes" on this machine, joined by a c10d rendezvous.
+
+Each node runs one process; with ``--fsdp``, gradient accumulation and gradient checkpointing
+the pair must end where one plain process with the same global batch ends (NF nets have no
+batch statistics, so splitting the batch only changes float rounding), with AGC clipping some
+units and not others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nfnets.checkpoint import load_checkpoint
+from nfnets.cli import main as run
+
+# A tiny run: one epoch (22 steps, evaluation, final weights) of 16 px digits with the demo's
+# scaled-down F0, AGC tight enough that some units clip.
+COMMON = ["--epochs", "1", "--no-progress", "--train-size", "16", "--batch-size", "64",
+          "--lr", "0.2", "--warmup-epochs", "0.2", "--clipping", "0.002", "--log-every", "1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node(rank: int, port: int, out, extra: list[str], log) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+               "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "nfnets-test",
+               "-m", "nfnets", "train", "--out", str(out), *COMMON, *extra]
+    # Output to a file: an unread pipe fills up and blocks the process writing to it.
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_with_fsdp_equal_one_process(tmp_path):
+    port = _free_port()
+    extra = ["--fsdp", "--grad-accum", "2", "--grad-checkpointing"]
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = [_node(rank, port, tmp_path / "two", extra, log.open("w"))
+             for rank, log in zip((0, 1), logs, strict=True)]
+    try:
+        for node in nodes:
+            node.wait(timeout=240)
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, log in zip(nodes, logs, strict=True):
+        assert node.returncode == 0, log.read_text()[-3000:]
+    assert run(["train", "--out", str(tmp_path / "one"), *COMMON]) == 0
+
+    for name in ("model.safetensors", "model_ema.safetensors"):  # gathered from the shards
+        one, two = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert one.keys() == two.keys()
+        for key, value in one.items():
+            torch.testing.assert_close(two[key], value, rtol=0, atol=1e-6, msg=f"{name} {key}")
+    assert one["blocks.0.skip_gain"].abs() > 0  # the weights moved
+    summaries = [json.loads((tmp_path / run_dir / "summary.json").read_text())
+                 for run_dir in ("one", "two")]
+    assert summaries[0]["steps"] == summaries[1]["steps"] == 22
+    # Evaluation of the gathered model (ranks hold different numbers of batches).
+    assert summaries[1]["val_top1"] == pytest.approx(summaries[0]["val_top1"])
+    assert summaries[1]["val_top1_ema"] == pytest.approx(summaries[0]["val_top1_ema"])
+    # AGC clipped some units and not others, and the sharded count is the global one.
+    records, reference = ([r for line in (tmp_path / run_dir / "metrics.jsonl").open()
+                           if (r := json.loads(line))["kind"] == "train"]
+                          for run_dir in ("two", "one"))
+    fractions = [r["clip_fraction"] for r in records]
+    assert all(0 < f < 1 for f in fractions)
+    assert fractions == pytest.approx([r["clip_fraction"] for r in reference], abs=1e-6)
+
+
+def test_resume_auto_starts_fresh_then_continues(tmp_path):
+    # What a job script re-run as is (or torchrun restarting a failed group) relies on.
+    out = tmp_path / "run"
+    base = ["train", "--out", str(out), "--resume", "auto", "--epochs", "1", "--no-progress",
+            "--train-size", "16", "--batch-size", "64", "--log-every", "1"]
+    assert run([*base, "--stop-at-step", "1"]) == 0  # nothing there: a fresh start
+    first = load_checkpoint(out / "checkpoints")
+    assert first["step"] == 1
+    assert run([*base, "--stop-at-step", "2"]) == 0  # a checkpoint there: continued
+    assert load_checkpoint(out / "checkpoints")["step"] == 2
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+    assert steps == [1, 2]  # the second run did not start over
+
