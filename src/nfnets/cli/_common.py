@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 from typing import Any
 
 import torch
@@ -76,3 +77,19 @@ def resolve_device(name: str) -> torch.device:
 def positive(value: int | None, flag: str) -> None:
     if value is not None and value < 1:
         raise UsageError(f"{flag} must be positive, got {value}")
+
+
+def parse_model_args(items: list[str]) -> dict[str, Any]:
+    """``--model-arg KEY=VALUE`` items as create_model overrides; VALUE is a Python literal
+    (``width=0.5``, ``depths=[1,1,2,1]``) or else the plain string."""
+    args: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        try:
+            args[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            args[key] = text
+    return args
+

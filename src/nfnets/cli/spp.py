@@ -9,7 +9,6 @@ batch normalisation in place of the NF machinery (see ``nfnets.signal.batchnorm_
 from __future__ import annotations
 
 import argparse
-import ast
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from ..signal import (
     write_tables,
 )
 from ..weights import load_model
-from ._common import positive, resolve_device
+from ._common import parse_model_args, positive, resolve_device
 
 DEFAULT_INIT_SIZE = 128  # statistics at init barely depend on resolution; keeps F7 affordable
 DEFAULT_BATCH = 16
@@ -70,19 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, cuda:N (default: cuda when available)")
 
 
-def _model_args(items: list[str]) -> dict[str, Any]:
-    args = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            args[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            args[key] = text
-    return args
-
-
 def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model, facts) for a model name at init or for trained weights."""
     if Path(args.source).exists():
@@ -96,7 +82,7 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise UsageError("--ema needs a run directory or a training checkpoint")
     torch.manual_seed(args.seed)
     try:
-        model = create_model(args.source, **_model_args(args.model_arg))
+        model = create_model(args.source, **parse_model_args(args.model_arg))
     except ValueError as err:
         raise UsageError(f"{err} (nor is {args.source!r} an existing run or file)") from None
     return model, {"model": model.model_name, "source": "initialisation", "trained": False,

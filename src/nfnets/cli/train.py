@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import os
@@ -14,6 +13,7 @@ from typing import Any
 from ..checkpoint import list_checkpoints
 from ..errors import UsageError
 from ..train import TrainConfig, stop_exit_code, train
+from ._common import parse_model_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,16 +115,8 @@ def _given_values(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             values[f.name] = value
     if args.model_arg:
-        model_args = dict(values.get("model_args", {}))
-        for item in args.model_arg:
-            key, sep, text = item.partition("=")
-            if not sep or not key:
-                raise UsageError(f"--model-arg expects KEY=VALUE, got {item!r}")
-            try:
-                model_args[key] = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                model_args[key] = text
-        values["model_args"] = model_args
+        values["model_args"] = {**values.get("model_args", {}),
+                                **parse_model_args(args.model_arg)}
     return values
 
 
