@@ -66,6 +66,9 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, *,
     if not compile:
         return fused  # no parameter requires grad, so no autograd graph is recorded
     options = {"freezing": True} if example_input.device.type == "cpu" else None
-    optimized = _NoGrad(torch.compile(fused, options=options))
+    # Static shapes: a second input shape (e.g. an evaluation's last, smaller batch) compiles
+    # one more static graph instead of a symbolic-shape one, whose index arithmetic can take
+    # Inductor minutes to simplify on small maps.
+    optimized = _NoGrad(torch.compile(fused, dynamic=False, options=options))
     optimized(example_input)  # compile now, not on the caller's first batch
     return optimized
