@@ -103,11 +103,29 @@ def _tensors(tree, prefix="") -> dict:
     return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
 
 
+def _stop_tqdm_monitor() -> None:
+    # tqdm's monitor thread (started by any earlier test that showed a bar) can hold tqdm's
+    # lock at the moment of fork; the child then waits on it forever in its first bar.
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.monitor_interval = 0
+    if tqdm.monitor is not None:
+        tqdm.monitor.exit()
+        tqdm.monitor = None
+
+
 def fork(target) -> int:
     """Run ``target()`` in a forked child whose stdout/stderr go to files; return its pid."""
+    _stop_tqdm_monitor()
     pid = os.fork()
     if pid == 0:  # child
         code = 99
+        # GNU OpenMP's thread pool does not survive fork: once an earlier test ran a parallel
+        # region with several threads, the child's first multi-threaded op waits forever on
+        # the parent's workers. One thread keeps every parallel region in the child itself.
+        torch.set_num_threads(1)
         try:
             code = target()
         except BaseException:  # noqa: BLE001 - the parent reads the status
