@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .. import plots
 from ..errors import UsageError
-from ..plots import plot_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``nfnets plot``: draw the curves and print the paths of the PNG files."""
     try:
-        paths = plot_run(args.run_dir)
+        paths = plots.plot_run(args.run_dir)
     except ImportError as err:  # matplotlib is an optional dependency (the demo extra)
         raise UsageError(str(err)) from None
     for path in paths:
