@@ -43,10 +43,10 @@ from torch import nn
 
 from .augment import AugmentConfig
 from .checkpoint import (
-    checkpoint_path,
     list_checkpoints,
-    load_checkpoint,
     load_latest_checkpoint,
+    read_checkpoint,
+    remove_temp_checkpoints,
     save_checkpoint,
 )
 from .data import (
@@ -60,7 +60,6 @@ from .distributed import (
     check_same_device_type,
     discard_unreduced_grads,
     full_model_state,
-    full_optimizer_state,
     gathered,
     gradient_sync,
     load_full_model_state,
@@ -68,6 +67,7 @@ from .distributed import (
     shard_model,
     sync_replicated_grads,
 )
+from .distributed_checkpoint import load_sharded, save_sharded_checkpoint
 from .errors import CheckpointError, NFNetsError, RunFailed, UsageError
 from .files import atomic_write, disk_error, remove_temp_files
 from .finetune import finetune_preset
@@ -210,6 +210,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, *,
             raise UsageError("--overwrite and --resume contradict each other: --resume "
                              "continues the run, --overwrite moves it aside to start anew")
         cfg, applied = resume_config(resume, _given(cfg) if changes is None else changes)
+        _fit_world(cfg, applied, Path(resume), int(os.environ.get("WORLD_SIZE", "1")))
     _validate_sizes(cfg)
     cfg = cfg.resolved()
     _validate(cfg)
@@ -279,9 +280,11 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
     torch.manual_seed(cfg.seed + rank)  # ranks differ only in stochastic depth/dropout draws
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_images": 0,
              "nonfinite_steps": 0, "seconds": 0.0, "images": 0}
-    checkpoint = _resume_checkpoint(out, is_main, world, device) if resume is not None else None
+    checkpoint = (_resume_checkpoint(out, is_main, world, device, sharded=cfg.fsdp)
+                  if resume is not None else None)
     if checkpoint is not None:
         _restore(checkpoint, model, ema, optimizer, scheduler, scaler, state, device)
+        _check_horizon(checkpoint.get("total_steps"), total_steps, applied)
         del checkpoint
         if "epochs" in applied:
             _stretch_schedule(cfg, applied["epochs"][0], optimizer, scheduler, state,
@@ -331,15 +334,18 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
             state["images"] += cfg.batch_size
             state["seconds"] = time.time() - start_time
             log.step(state, loss, optimizer, bar, cfg.batch_size / (time.time() - step_start))
-            saved = _should_save(cfg, state)
+            # The epoch's last step is saved at the epoch's end (with its evaluation done).
+            saved = _should_save(cfg, state) and state["batch_in_epoch"] < steps_per_epoch
             if saved:
-                _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main)
+                _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main,
+                      total_steps)
             signum = stop.agreed(world, device)
             at_limit = cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step
             if signum or at_limit:
                 bar.close()
                 if not saved:
-                    _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main)
+                    _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main,
+                      total_steps)
                 stopped = True
                 break
         if stopped:
@@ -348,7 +354,8 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
         state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
         val = _evaluate_both(model, ema, val_loader, device)
         log.epoch(epoch, state, val)
-        _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main)
+        _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main,
+                      total_steps)
         signum = stop.agreed(world, device)
         if signum and epoch + 1 < cfg.epochs:
             stopped = True
@@ -563,7 +570,7 @@ def holds_run(out: Path) -> bool:
 def _prepare_folder(out: Path, resumed: bool, overwrite: bool) -> None:
     """Remove temp files a killed run left; refuse (or move aside) an old run for a new one."""
     for folder in (out, out / "checkpoints"):
-        removed = remove_temp_files(folder)
+        removed = remove_temp_files(folder) + remove_temp_checkpoints(folder)
         if removed:
             print(f"nfnets: removed {len(removed)} temp file(s) an interrupted run left in "
                   f"{folder}")
@@ -588,28 +595,31 @@ def _prepare_folder(out: Path, resumed: bool, overwrite: bool) -> None:
     print(f"nfnets: --overwrite: moved the previous run in {out} to {aside}")
 
 
-def _resume_checkpoint(out: Path, is_main: bool, world: int, device: torch.device
-                       ) -> dict[str, Any] | None:
-    """The newest good checkpoint (rank 0 chooses and moves bad ones aside; all load it)."""
+def _resume_checkpoint(out: Path, is_main: bool, world: int, device: torch.device,
+                       sharded: bool = False) -> dict[str, Any] | None:
+    """The newest good checkpoint (rank 0 chooses and moves bad ones aside; all load it).
+
+    ``sharded`` (an --fsdp run): a sharded checkpoint is returned as its small state, for each
+    rank to read its own shards (``_restore``); a single file is read whole on every rank.
+    """
     directory = out / "checkpoints"
+    full = not sharded
     if world == 1:
-        return load_latest_checkpoint(directory)
-    checkpoint, error, chosen = None, None, -1.0
+        return load_latest_checkpoint(directory, full=full)
+    checkpoint, error, chosen = None, None, [None]
     if is_main:
         try:
-            checkpoint = load_latest_checkpoint(directory)
-            chosen = float(checkpoint["step"]) if checkpoint is not None else -1.0
+            checkpoint = load_latest_checkpoint(directory, full=full)
+            chosen = [checkpoint["path"] if checkpoint is not None else ""]
         except CheckpointError as err:
-            error, chosen = err, -2.0
-    flag = torch.tensor([chosen], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # only rank 0 contributes more than -2
-    chosen = flag.item()
+            error = err
+    dist.broadcast_object_list(chosen, src=0)  # None: rank 0 found none usable
     if error is not None:
         raise error
-    if chosen == -2:
+    if chosen[0] is None:
         raise RunFailed(f"rank 0 found no usable checkpoint in {directory}; see its message")
-    if not is_main and chosen >= 0:
-        checkpoint = load_checkpoint(checkpoint_path(directory, int(chosen)))
+    if not is_main and chosen[0]:
+        checkpoint = read_checkpoint(chosen[0], full=full)  # rank 0 verified it
     return checkpoint
 
 
@@ -620,7 +630,9 @@ def _resume_checkpoint(out: Path, is_main: bool, world: int, device: torch.devic
 # device or --compile); applied, printed and recorded in config.json.
 _RESUME_APPLIES = {"stop_at_step", "progress", "num_workers", "log_every", "tensorboard",
                    "device", "eval_batch_size", "keep_checkpoints", "save_every",
-                   "max_nonfinite", "compile", "channels_last", "grad_checkpointing"}
+                   "max_nonfinite", "compile", "channels_last", "grad_checkpointing",
+                   # the global batch stays: only how it is split over processes changes
+                   "grad_accum", "fsdp"}
 # Changes the schedule: applied, with the new cosine horizon printed.
 _RESUME_SCHEDULE = {"epochs"}
 _REFUSAL = ("changes the run's optimisation, data or model, which its checkpoint (optimiser "
@@ -673,6 +685,47 @@ def resume_config(run_dir: str | os.PathLike, changes: dict[str, Any]
     if refused:
         raise UsageError("--resume cannot change: " + "; ".join(refused))
     return restored, applied
+
+
+def _fit_world(cfg: TrainConfig, applied: dict[str, tuple[Any, Any]], run_dir: Path,
+               world: int) -> None:
+    """Resumed on another number of processes: keep the global batch, or refuse.
+
+    The per-process micro-batch stays when the run's micro-batches per step (processes ×
+    --grad-accum) divide among the new processes (then --grad-accum is recomputed), else
+    --grad-accum stays and the micro-batch changes; when neither splits the batch evenly, the
+    resume is refused. An --fsdp run resumed on one process continues unsharded. Each change
+    is printed and recorded in config.json (``world_size`` and ``resumes``).
+    """
+    try:
+        old = json.loads((run_dir / "config.json").read_text()).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        old = None
+    if not isinstance(old, int) or old == world:
+        return
+    if cfg.fsdp and world == 1 and "fsdp" not in applied:
+        applied["fsdp"] = (True, False)
+        cfg.fsdp = False
+    accum, batch = cfg.grad_accum, cfg.batch_size
+    if "grad_accum" not in applied:
+        micro_batches = old * accum  # per step, over all processes
+        if micro_batches % world == 0:
+            accum = micro_batches // world
+        elif batch % (world * accum):
+            raise UsageError(
+                f"--resume on {world} processes: the run's global batch {batch} (on {old} "
+                f"processes × --grad-accum {cfg.grad_accum}) cannot be split evenly over "
+                f"{world} processes; resume on a number of processes that divides it, or give "
+                "--grad-accum so that processes × --grad-accum divides it")
+        if accum != cfg.grad_accum:
+            applied["grad_accum"] = (cfg.grad_accum, accum)
+            cfg.grad_accum = accum
+    applied["world_size"] = (old, world)
+    if os.environ.get("RANK", "0") == "0" and batch % (world * cfg.grad_accum) == 0:
+        print(f"nfnets: resume on {world} process{'es' if world > 1 else ''} (the run used "
+              f"{old}): global batch {batch} kept, {batch // (world * cfg.grad_accum)} per "
+              f"process per micro-batch × --grad-accum {cfg.grad_accum} (recorded in "
+              "config.json)")
 
 
 def _given(cfg: TrainConfig) -> dict[str, Any]:
@@ -827,37 +880,49 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save(out: Path, model, ema, optimizer, scheduler, scaler, state, cfg, is_main) -> None:
+def _save(out: Path, model, ema, optimizer, scheduler, scaler, state, cfg, is_main,
+          total_steps: int) -> None:
     # Every rank's RNG would differ; rank 0's checkpoint restores rank 0 exactly, and other
     # ranks reseed deterministically from it on resume.
-    if cfg.fsdp:  # collectives: every rank gathers, rank 0 writes the usual single file
-        weights = full_model_state(model)
-        ema_state = {**ema.state_dict(), "module": full_model_state(ema.module)}
-        optimizer_state = full_optimizer_state(model, optimizer)
-    else:
-        weights, ema_state, optimizer_state = None, None, None
-    if not is_main:
-        return
-    if weights is None:
-        weights, ema_state = model.state_dict(), ema.state_dict()
-        optimizer_state = optimizer.state_dict()
-    norms = torch._foreach_norm([w.detach().float() for w in weights.values()])
-    if not bool(torch.isfinite(torch.stack(norms)).all()):
-        # Never replace a good checkpoint with diverged weights (the run stops soon after).
-        print(f"nfnets: weights are not finite at step {state['step']}; checkpoint not written",
-              file=sys.stderr)
-        return
-    checkpoint = {
-        "model": weights, "ema": ema_state,
-        "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    small = {
+        "ema": {k: v for k, v in ema.state_dict().items() if k != "module"},
+        "scheduler": scheduler.state_dict(),
         "scaler": None if scaler is None else scaler.state_dict(),
         **state, "rng": _rng_state(), "model_name": model.model_name,
         "model_kwargs": model.model_kwargs, "config": dataclasses.asdict(cfg),
+        "world_size": world, "total_steps": total_steps,
     }
+    # Never replace a good checkpoint with diverged weights (the run stops soon after).
+    if not _all_agree(_finite(model), world if cfg.fsdp else 1, _device_of(model)):
+        if is_main:
+            print(f"nfnets: weights are not finite at step {state['step']}; checkpoint not "
+                  "written", file=sys.stderr)
+        return
     try:
-        save_checkpoint(checkpoint, out / "checkpoints", state["step"], cfg.keep_checkpoints)
+        if cfg.fsdp:  # collective: every rank writes its shards, nothing is gathered
+            save_sharded_checkpoint(model, ema.module, optimizer, small, out / "checkpoints",
+                                    state["step"], cfg.keep_checkpoints)
+        elif is_main:
+            checkpoint = {**small, "model": model.state_dict(), "ema": ema.state_dict(),
+                          "optimizer": optimizer.state_dict()}
+            save_checkpoint(checkpoint, out / "checkpoints", state["step"],
+                            cfg.keep_checkpoints)
     except RunFailed as err:  # the disk refused: say what is still safe
         raise RunFailed(f"{err}; {_intact(out)}") from None
+
+
+def _finite(model: nn.Module) -> bool:
+    """Whether this rank's weights (its shards, under FSDP) are all finite."""
+    from torch.distributed.tensor import DTensor
+
+    local = [w.to_local() if isinstance(w, DTensor) else w for w in model.state_dict().values()]
+    local = [w.detach().float() for w in local if w.numel()]
+    return not local or bool(torch.isfinite(torch.stack(torch._foreach_norm(local))).all())
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _intact(out: Path) -> str:
@@ -872,6 +937,14 @@ def _restore(checkpoint, model, ema, optimizer, scheduler, scaler, state, device
     from .distributed import is_sharded
 
     sharded = is_sharded(model)
+    if "sharded_path" in checkpoint:  # each rank reads its own shards (resharded by DCP)
+        load_sharded(checkpoint, model, ema.module, optimizer)
+        ema.num_updates = int(checkpoint["ema"]["num_updates"])
+        _restore_small(checkpoint, scheduler, scaler, state)
+        return
+    if not sharded and _keyed_by_name(checkpoint["optimizer"]):
+        # written by an --fsdp run: parameter names, where a plain optimizer counts
+        checkpoint["optimizer"] = _by_position(model, optimizer, checkpoint["optimizer"])
     try:
         if sharded:  # every rank read the full checkpoint and keeps its own shards
             load_full_model_state(model, checkpoint["model"])
@@ -887,6 +960,41 @@ def _restore(checkpoint, model, ema, optimizer, scheduler, scaler, state, device
         ema.load_state_dict(checkpoint["ema"])
         ema.module.to(device)
         optimizer.load_state_dict(checkpoint["optimizer"])
+    _restore_small(checkpoint, scheduler, scaler, state)
+
+
+def _check_horizon(saved: int | None, total_steps: int, applied: dict) -> None:
+    """The cosine schedule's length is the run's: only --epochs may change it on resume."""
+    if saved is None or saved == total_steps or "epochs" in applied:
+        return
+    raise RunFailed(f"resuming would change the learning-rate schedule from {saved} to "
+                    f"{total_steps} steps (the steps per epoch changed with the processes or "
+                    "batch split); resume with the run's number of processes")
+
+
+def _keyed_by_name(optimizer_state: dict[str, Any]) -> bool:
+    groups = optimizer_state.get("param_groups") or [{}]
+    return any(isinstance(p, str) for group in groups for p in group.get("params", ()))
+
+
+def _by_position(model: nn.Module, optimizer, named: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter names (``get_optimizer_state_dict``'s form)
+    in ``torch.optim``'s own form, keyed by position in ``optimizer``'s param groups."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    position = {name: i for i, name in enumerate(order)}
+    try:
+        groups = [{**group, "params": [position[name] for name in group["params"]]}
+                  for group in named["param_groups"]]
+        state = {position[name]: value for name, value in named["state"].items()}
+    except KeyError as err:
+        raise CheckpointError(f"the checkpoint's optimizer state names parameter {err}, which "
+                              "this model does not have") from None
+    return {"state": state, "param_groups": groups}
+
+
+def _restore_small(checkpoint, scheduler, scaler, state) -> None:
+    """Schedule, scaler, counters, data position and RNG: what every checkpoint holds whole."""
     scheduler.load_state_dict(checkpoint["scheduler"])
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
@@ -946,6 +1054,7 @@ class _Logger:
             config = {"model": model.model_name, "model_kwargs": model.model_kwargs,
                       "classes": list(train_set.classes), "train_size": cfg.train_size,
                       "test_size": cfg.test_size, "data": cfg.data,
+                      "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                       "train": dataclasses.asdict(cfg)}
             if cfg.data == "digits":
                 config["digits_demo_changes"] = _digits_changes(cfg)
@@ -969,14 +1078,17 @@ class _Logger:
         """Write what a resume changed into config.json (``train`` and a ``resumes`` log)."""
         path = self.out / "config.json"
         config = json.loads(path.read_text())
-        persistent = {k: new for k, (_, new) in applied.items() if k != "stop_at_step"}
+        persistent = {k: new for k, (_, new) in applied.items()
+                      if k not in ("stop_at_step", "world_size")}
         config["train"].update(persistent)
+        if "world_size" in applied:
+            config["world_size"] = applied["world_size"][1]
         config.setdefault("resumes", []).append({
             "at_step": at_step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "changes": {k: {"from": old, "to": new} for k, (old, new) in applied.items()}})
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
         for name, (old, new) in applied.items():
-            if name != "epochs":  # epochs: _stretch_schedule prints the new horizon
+            if name not in ("epochs", "world_size"):  # printed by _stretch_schedule, _fit_world
                 print(f"nfnets: resume: --{name.replace('_', '-')} {old} → {new} (applied"
                       f"{'' if name == 'stop_at_step' else '; recorded in config.json'})")
 
