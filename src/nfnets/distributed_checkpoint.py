@@ -37,6 +37,7 @@ import os
 import pathlib
 import pickle
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -266,8 +267,11 @@ def read_sharded_checkpoint(path: str | os.PathLike, *, full: bool = True) -> di
     flat = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
             for key, entry in entries.items()}
     tensors = _nested(metadata, flat)
-    # no_dist: one process reads every shard, whatever process group may exist.
-    dcp.load(tensors, storage_reader=_safe_reader(path), no_dist=True)
+    # no_dist: one process reads every shard, whatever process group may exist (DCP warns
+    # that it assumes just that).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
+        dcp.load(tensors, storage_reader=_safe_reader(path), no_dist=True)
     ema = {**state.pop("ema", {}), "module": tensors.get("ema", {})}
     optimizer = {"state": tensors.get("optimizer", {}), "param_groups": param_groups}
     return {**state, "model": tensors.get("model", {}), "ema": ema, "optimizer": optimizer}

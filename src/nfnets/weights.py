@@ -39,7 +39,14 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .checkpoint import list_checkpoints, manifest_path, verify_checkpoint
+from .checkpoint import (
+    is_sharded_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_checkpoint,
+    manifest_path,
+    verify_checkpoint,
+)
 from .errors import CheckpointError, UsageError
 from .files import atomic_write
 from .integrity import verify_tensors, with_digest
@@ -60,6 +67,7 @@ __all__ = [
     "RUN_WEIGHTS",
     "CheckpointError",
     "OfficialRelease",
+    "convert_checkpoint",
     "convert_official",
     "detect_variant",
     "file_md5",
@@ -805,21 +813,17 @@ def _our_names(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, tor
         else state_dict
 
 
+def _read_sharded(path: Path, ema: bool | None) -> _Source:
+    """A sharded training checkpoint (``step_N.dcp``, an --fsdp run's), verified, then
+    gathered into whole tensors in this process (no process group needed)."""
+    return _training_checkpoint(load_checkpoint(path), path, ema)
+
+
 def _read_torch(path: Path, ema: bool | None) -> _Source:
     """An nfnets training checkpoint (raw or EMA weights), or a plain torch state dict."""
     obj = _load_torch_file(path)
     if isinstance(obj, Mapping) and obj.get("model_name") and _is_state_dict(obj.get("model")):
-        averaged = obj.get("ema")
-        averaged = averaged.get("module") if isinstance(averaged, Mapping) else None
-        use_ema = bool(ema) or (ema is None and _is_state_dict(averaged))
-        if use_ema and not _is_state_dict(averaged):
-            raise CheckpointError(f"{path} holds no EMA weights; drop --ema")
-        # in a run, RUN/checkpoints/step_*.pt: the run's config.json has the class names
-        in_run = path.parent.name == "checkpoints"
-        run_config = _read_config(path.parent.parent) if in_run else {}
-        return _Source(averaged if use_ema else obj["model"], path, use_ema,
-                       str(obj["model_name"]), dict(obj.get("model_kwargs") or {}),
-                       facts=[run_config, obj.get("config") or {}])
+        return _training_checkpoint(obj, path, ema)
     # {"model": ...}; timm's training checkpoints use "state_dict"
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, Mapping) and _is_state_dict(obj.get(wrapper)):
@@ -835,6 +839,21 @@ def _read_torch(path: Path, ema: bool | None) -> _Source:
     if ema:
         raise CheckpointError(f"{path} holds a single set of weights; drop --ema")
     return _Source(_our_names(obj, path), path, False)
+
+
+def _training_checkpoint(obj: Mapping[str, Any], path: Path, ema: bool | None) -> _Source:
+    """The raw or EMA weights of an nfnets training checkpoint (file or sharded)."""
+    averaged = obj.get("ema")
+    averaged = averaged.get("module") if isinstance(averaged, Mapping) else None
+    use_ema = bool(ema) or (ema is None and _is_state_dict(averaged))
+    if use_ema and not _is_state_dict(averaged):
+        raise CheckpointError(f"{path} holds no EMA weights; drop --ema")
+    # in a run, RUN/checkpoints/step_*.pt: the run's config.json has the class names
+    in_run = path.parent.name == "checkpoints"
+    run_config = _read_config(path.parent.parent) if in_run else {}
+    return _Source(averaged if use_ema else obj["model"], path, use_ema,
+                   str(obj["model_name"]), dict(obj.get("model_kwargs") or {}),
+                   facts=[run_config, obj.get("config") or {}])
 
 
 def _read_safetensors(path: Path, ema: bool | None, config: dict[str, Any] | None = None
@@ -870,11 +889,15 @@ def _read_run(run: Path, ema: bool | None) -> _Source:
     if ema and (run / RUN_WEIGHTS[False]).is_file():
         raise CheckpointError(f"run {run} has {RUN_WEIGHTS[False]} but no "
                               f"{RUN_WEIGHTS[True]}; drop --ema")
-    checkpoints = list_checkpoints(run / "checkpoints")
-    if checkpoints:
-        return _read_torch(checkpoints[-1], ema)
+    if list_checkpoints(run / "checkpoints"):
+        # the newest that verifies (file or sharded); a damaged one is skipped with a warning
+        # but left where it is: reading a run never changes it
+        state = load_latest_checkpoint(run / "checkpoints", move_aside=False)
+        if state is not None:
+            return _training_checkpoint(state, Path(state["path"]), ema)
     raise CheckpointError(f"{run} holds no weights: expected a training run directory with "
-                          f"{RUN_WEIGHTS[False]} or checkpoints/step_*.pt")
+                          f"{RUN_WEIGHTS[False]} or checkpoints/step_*.pt (or step_*.dcp)")
+
 
 
 def _read_source(source: PathLike, ema: bool | None,
@@ -882,6 +905,8 @@ def _read_source(source: PathLike, ema: bool | None,
     """Read any supported source. ``ema``: True (the EMA weights, an error if there are none),
     False (the raw weights) or None (the EMA weights when the source has them, else the raw)."""
     path = Path(source)
+    if path.is_dir() and is_sharded_checkpoint(path):
+        return _read_sharded(path, ema)
     if path.is_dir():
         return _read_run(path, ema)
     if not path.exists():
@@ -1054,6 +1079,24 @@ def _claimed_variant_check(path: Path, model_name: str | None
         _check_fits(model, declared, path, {}, skip_classifier=False)
 
     return check
+
+
+def convert_checkpoint(src: PathLike, dst: PathLike, *, ema: bool = False) -> str:
+    """Write the weights of a training run or checkpoint as our safetensors file; return the
+    model name.
+
+    ``src`` is what :func:`load_model` reads: a run directory (its final weights, else its
+    newest good checkpoint), a checkpoint file, or a sharded ``step_N.dcp`` directory of an
+    ``--fsdp`` run, gathered here in one process without a process group. ``ema`` picks the
+    EMA weights. The file records the architecture, the class names, test size, data and
+    seed the run had, and its content digest, like the weights a finished run writes.
+    """
+    model, info = load_model(src, ema=ema)
+    extra = {key: info[key] for key in ("classes", "test_size", "data", "seed")
+             if info[key] is not None}
+    extra.update(converted_from=str(info["source"]), ema=bool(info["ema"]))
+    save_weights(model, dst, extra)
+    return model.model_name
 
 
 def convert_official(src: PathLike, dst: PathLike, model_name: str | None = None) -> str:
