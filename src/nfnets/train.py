@@ -942,9 +942,9 @@ def _restore(checkpoint, model, ema, optimizer, scheduler, scaler, state, device
         ema.num_updates = int(checkpoint["ema"]["num_updates"])
         _restore_small(checkpoint, scheduler, scaler, state)
         return
-    if not sharded and _keyed_by_name(checkpoint["optimizer"]):
-        # written by an --fsdp run: parameter names, where a plain optimizer counts
-        checkpoint["optimizer"] = _by_position(model, optimizer, checkpoint["optimizer"])
+    if sharded != _keyed_by_name(checkpoint["optimizer"]):
+        # An --fsdp run keys optimizer state by parameter name, a plain one by position
+        checkpoint["optimizer"] = _rekeyed(model, optimizer, checkpoint["optimizer"], sharded)
     try:
         if sharded:  # every rank read the full checkpoint and keeps its own shards
             load_full_model_state(model, checkpoint["model"])
@@ -977,18 +977,20 @@ def _keyed_by_name(optimizer_state: dict[str, Any]) -> bool:
     return any(isinstance(p, str) for group in groups for p in group.get("params", ()))
 
 
-def _by_position(model: nn.Module, optimizer, named: dict[str, Any]) -> dict[str, Any]:
-    """An optimizer state dict keyed by parameter names (``get_optimizer_state_dict``'s form)
-    in ``torch.optim``'s own form, keyed by position in ``optimizer``'s param groups."""
+def _rekeyed(model: nn.Module, optimizer, saved: dict[str, Any], by_name: bool
+             ) -> dict[str, Any]:
+    """An optimizer state dict keyed the other way: by parameter name
+    (``get_optimizer_state_dict``'s form, ``by_name``) or by position in ``optimizer``'s
+    param groups (``torch.optim``'s own)."""
     names = {id(p): name for name, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    position = {name: i for i, name in enumerate(order)}
+    key = dict(enumerate(order)) if by_name else {name: i for i, name in enumerate(order)}
     try:
-        groups = [{**group, "params": [position[name] for name in group["params"]]}
-                  for group in named["param_groups"]]
-        state = {position[name]: value for name, value in named["state"].items()}
+        groups = [{**group, "params": [key[p] for p in group["params"]]}
+                  for group in saved["param_groups"]]
+        state = {key[p]: value for p, value in saved["state"].items()}
     except KeyError as err:
-        raise CheckpointError(f"the checkpoint's optimizer state names parameter {err}, which "
+        raise CheckpointError(f"the checkpoint's optimizer state has parameter {err}, which "
                               "this model does not have") from None
     return {"state": state, "param_groups": groups}
 
