@@ -8,11 +8,14 @@ units and not others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +97,84 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
     assert steps == [1, 2]  # the second run did not start over
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Elastic restart: one rank killed mid-epoch, torchrun restarts the group, --resume auto
+
+
+def _torchrun_elastic(out, log_path, extra: list[str], timeout: float) -> int:
+    """torchrun --max-restarts 1 over 2 ranks of tests/elastic_train.py; its exit status.
+
+    Robust under pytest: output goes to a file (an unread pipe fills and blocks the writer),
+    no DataLoader workers (children a killed rank would leave behind), a 60 s limit on any
+    collective, and past ``timeout`` the agent and its ranks are killed: torchrun starts each
+    rank in a session of its own, so they are found by parentage, not by process group.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NFNETS_TEST_KILL_AT_STEP": "5",
+           "NFNETS_TEST_KILL_MARKER": str(out.parent / f"{out.name}.killed"),
+           "NFNETS_DIST_TIMEOUT": "60",
+           # a fresh rendezvous store per restart round (see nfnets.train: torchrun's shared
+           # store kept the killed group's addresses, so the restarted one could not connect)
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    script = os.path.join(os.path.dirname(__file__), "elastic_train.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", "1",
+               "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--monitor-interval", "0.5",
+               script, "train", "--out", str(out), "--resume", "auto", *COMMON,
+               "--save-every", "2", "--stop-at-step", "6", "--num-workers", "0", *extra]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in [process.pid, *_descendants(process.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
+            raise
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux /proc), children first."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One process, the same recipe, to step 6 without a break."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert run(["train", "--out", str(out), *COMMON, "--stop-at-step", "6"]) == 0
+    return load_checkpoint(out / "checkpoints")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, uninterrupted, extra):
+    out, log = tmp_path / "run", tmp_path / "torchrun.log"
+    status = _torchrun_elastic(out, log, extra, timeout=150)
+    text = log.read_text()
+    assert status == 0, text[-4000:]
+    assert (tmp_path / "run.killed").read_text() == "killed rank 1 at step 5\n"
+    assert "resuming" in text  # the restarted group continued the run, not a fresh start
+    final = load_checkpoint(out / "checkpoints")
+    assert final["step"] == 6
+    for part, reference in (("model", uninterrupted["model"]),
+                            ("ema", uninterrupted["ema"]["module"])):
+        got = final[part] if part == "model" else final["ema"]["module"]
+        for key, value in reference.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{part} {key}")
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # step 5's record, written before the kill, redone

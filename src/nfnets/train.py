@@ -19,6 +19,7 @@ nfnet_f0`` (ImageNet-style folder), ``torchrun --nproc-per-node N -m nfnets trai
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gc
 import importlib.util
 import json
@@ -834,7 +835,8 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
         if cuda:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+            _warn_shared_rendezvous_store()
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=_collective_timeout())
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
         if cfg.fsdp:
             check_same_device_type(device)
@@ -842,6 +844,42 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     if cfg.device not in ("auto", "cpu", "cuda"):
         return 0, 1, torch.device(cfg.device)
     return 0, 1, torch.device("cuda" if cuda else "cpu")
+
+
+def _warn_shared_rendezvous_store() -> None:
+    """Say so when torchrun may restart this group over a store kept from the previous one.
+
+    With ``--max-restarts`` and the c10d rendezvous, torchrun keeps one TCP store for every
+    restart round (torch/distributed/elastic/rendezvous/dynamic_rendezvous.py: the shared
+    store), so the restarted ranks can read the dead group's addresses and fail to connect
+    (or wait) at the next process-group setup. ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``,
+    set for torchrun, gives each round a fresh store.
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if (restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and os.environ.get("RANK", "0") == "0"
+            and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0):
+        print("nfnets: warning: torchrun --max-restarts shares one rendezvous store across "
+              "restarts, where a restarted group can find the dead group's addresses; export "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (docs/distributed.md)",
+              file=sys.stderr, flush=True)
+
+
+def _collective_timeout() -> datetime.timedelta | None:
+    """``NFNETS_DIST_TIMEOUT`` (seconds): how long a collective may wait for a rank that is
+    gone before it fails (torch's default otherwise: 10 min with NCCL, 30 min with gloo). A
+    short one lets torchrun restart a group sooner when a rank hangs instead of dying."""
+    value = os.environ.get("NFNETS_DIST_TIMEOUT")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+        if seconds <= 0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"NFNETS_DIST_TIMEOUT must be a positive number of seconds, not "
+                         f"{value!r}") from None
+    return datetime.timedelta(seconds=seconds)
 
 
 def _teardown(world: int) -> None:
