@@ -339,14 +339,14 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
             saved = _should_save(cfg, state) and state["batch_in_epoch"] < steps_per_epoch
             if saved:
                 _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main,
-                      total_steps)
+              total_steps)
             signum = stop.agreed(world, device)
             at_limit = cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step
             if signum or at_limit:
                 bar.close()
                 if not saved:
-                    _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main,
-                      total_steps)
+                    _save(out, model, ema, optimizer, scheduler, scaler, state, cfg,
+                          is_main, total_steps)
                 stopped = True
                 break
         if stopped:
@@ -356,7 +356,7 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
         val = _evaluate_both(model, ema, val_loader, device)
         log.epoch(epoch, state, val)
         _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main,
-                      total_steps)
+              total_steps)
         signum = stop.agreed(world, device)
         if signum and epoch + 1 < cfg.epochs:
             stopped = True
