@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from report import load_average, machine_info, update_doc
 from torch import nn
@@ -243,12 +244,20 @@ def eval_forward(model: nn.Module, batch: int, size: int, device: torch.device,
     return run
 
 
-def compile_for_inference(model: nn.Module) -> nn.Module:
+class FrozenCompiled(nn.Module):
     """``torch.compile`` as ``nfnets.optimize_for_inference`` does it (Inductor freezing on
-    the CPU: weights become constants, so convs use pre-packed weights and fused epilogues;
-    it needs no_grad at run time, which eval uses), for timm's model or our unfused one."""
-    cpu = next(model.parameters()).device.type == "cpu"
-    return torch.compile(model, options={"freezing": True} if cpu else None)
+    the CPU: weights become constants, so convs use pre-packed weights and fused epilogues),
+    for timm's model or our unfused one. Freezing needs no_grad and the global Inductor flag
+    while Dynamo traces (see ``nfnets/inference.py``), so both are set around every call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.freeze = next(model.parameters()).device.type == "cpu"
+        self.compiled = torch.compile(model, dynamic=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), inductor_config.patch(freezing=self.freeze):
+            return self.compiled(x)
 
 
 def matmul(n: int, device: torch.device, dtype: torch.dtype, repeats: int
@@ -396,7 +405,7 @@ def eval_models(specs: list[Spec], device: torch.device, batch: int, size: int
         model = copy.deepcopy(base[spec.side])
         if spec.channels_last:
             model.to(memory_format=torch.channels_last)
-        models[spec] = compile_for_inference(model) if spec.compile else model
+        models[spec] = FrozenCompiled(model) if spec.compile else model
     return models
 
 

@@ -185,6 +185,15 @@ def test_optimize_for_inference_compiles_with_the_same_outputs():
         assert rel_err(fast(other), model(other)) < 1e-4
     assert rel_err(fast(x), exact) < 1e-4
     assert not any(isinstance(m, WSConv2d) for m in fast.module.modules())
+    if torch.backends.mkldnn.is_available():
+        # Frozen for real: the weights became graph constants that Inductor pre-packed for
+        # oneDNN, so no convolution takes its weight as an input any more. (Passing
+        # options={"freezing": True} to torch.compile alone froze nothing.)
+        with torch.profiler.profile() as prof:
+            fast(other)
+        ops = {event.key for event in prof.key_averages()}
+        assert "mkldnn::_convolution_pointwise" in ops
+        assert "aten::convolution" not in ops
 
 
 # ----------------------------------------------------------------------------- training

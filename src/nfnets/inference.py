@@ -5,9 +5,13 @@ nfnets/base.py: WSConv2D). For inference those weights are constants, so
 :meth:`nfnets.models.NFModel.fuse` bakes them into plain convs once (exact). What remains is
 an ordinary conv net, and PyTorch's public compiler does the device-specific work:
 
-* CPU: ``torch.compile`` with Inductor *freezing* (``options={"freezing": True}``): weights
-  become constants of the graph, so Inductor pre-packs the conv weights for oneDNN and fuses
-  each conv with the nonlinearity after it.
+* CPU: ``torch.compile`` with Inductor *freezing*: weights become constants of the graph, so
+  Inductor pre-packs the conv weights for oneDNN and fuses each conv with the nonlinearity
+  after it. Dynamo decides whether parameters are graph constants while it traces, from the
+  global ``torch._inductor.config.freezing`` (``torch._dynamo.utils.is_parameter_freezing``);
+  ``torch.compile(options={"freezing": True})`` reaches only Inductor, after the parameters
+  were already lifted to graph inputs, and then nothing is frozen. So the flag is set around
+  every call, which is where Dynamo traces (and retraces for a new input shape).
 * CUDA and other devices: ``torch.compile`` with its default options.
 
 The inputs keep their memory layout; docs/performance.md gives the measured figures (and why
@@ -18,24 +22,29 @@ than classifying a few images).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 
 __all__ = ["optimize_for_inference"]
 
 
-class _NoGrad(nn.Module):
-    """Runs ``module`` (the compiled fused model) under ``torch.no_grad()``: Inductor freezes
-    weights only for graphs compiled without autograd, and inference needs no gradients."""
+class _Frozen(nn.Module):
+    """Runs ``module`` (the compiled fused model) under ``torch.no_grad()`` and, when ``freeze``,
+    with Inductor freezing switched on: Inductor freezes weights only for graphs traced without
+    autograd and with the global flag set (see the module docstring)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, freeze: bool) -> None:
         super().__init__()
         self.module = module
+        self.freeze = freeze
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        freezing = inductor_config.patch(freezing=True) if self.freeze else contextlib.nullcontext()
+        with torch.no_grad(), freezing:
             return self.module(x)
 
 
@@ -65,10 +74,10 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, *,
     fused = copy.deepcopy(model).fuse().eval().requires_grad_(False)
     if not compile:
         return fused  # no parameter requires grad, so no autograd graph is recorded
-    options = {"freezing": True} if example_input.device.type == "cpu" else None
     # Static shapes: a second input shape (e.g. an evaluation's last, smaller batch) compiles
     # one more static graph instead of a symbolic-shape one, whose index arithmetic can take
     # Inductor minutes to simplify on small maps.
-    optimized = _NoGrad(torch.compile(fused, dynamic=False, options=options))
+    optimized = _Frozen(torch.compile(fused, dynamic=False),
+                        freeze=example_input.device.type == "cpu")
     optimized(example_input)  # compile now, not on the caller's first batch
     return optimized

@@ -9,8 +9,8 @@ both:
   without antialiasing or clamping, like TF2's ``tf.image.resize``;
 - ``FastTrainTransform`` (the default): decode at 1/2, 1/4 or 1/8 size when the crop is still
   at least S pixels on each side there (JPEG DCT scaling, PIL ``Image.draft``), crop, resize in
-  uint8 (PyTorch's antialiased bicubic kernel), flip the small result. Output uint8, a quarter
-  of the bytes to move to the device. docs/data.md gives its deviation from the exact mode.
+  uint8 (PyTorch's bicubic kernel, no antialiasing), flip the small result. Output uint8, a
+  quarter of the bytes to move to the device. docs/data.md gives its deviation from the exact mode.
 
 Evaluation (nfnets/dataset.py _decode_and_center_crop): ``EvalTransform``. The digits demo:
 ``DigitsTrainTransform``.
@@ -184,14 +184,15 @@ def draft_scale(crop_height: int, crop_width: int, size: int) -> int:
 
 
 def resize_uint8(image: Tensor, height: int, width: int) -> Tensor:
-    """Bicubic resize of a 3 x H x W uint8 image to uint8 (rounded, clamped).
+    """Bicubic resize of a 3 x H x W uint8 image to uint8 (rounded, clamped), without
+    antialiasing, as the official resize (TF2 ``tf.image.resize``) and the exact mode.
 
-    PyTorch's uint8 kernel (Keys a = -0.5, the kernel TF's bicubic uses, antialiased when
-    shrinking); several times faster than the float path on channels-last input, which is how
-    decoded images arrive.
+    PyTorch's uint8 kernel: the exact mode's cubic (a = -0.75), with the intermediate row pass
+    rounded and clamped to uint8; several times faster than the float path on channels-last
+    input, which is how decoded images arrive.
     """
     return nnf.interpolate(
-        image.unsqueeze(0), size=(height, width), mode="bicubic", antialias=True
+        image.unsqueeze(0), size=(height, width), mode="bicubic", antialias=False
     ).squeeze(0)
 
 
