@@ -178,3 +178,34 @@ def test_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, uninterrupte
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{part} {key}")
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
     assert steps == [1, 2, 3, 4, 5, 6]  # step 5's record, written before the kill, redone
+
+
+def test_restartable_group_without_a_fresh_rendezvous_store_is_warned(monkeypatch, capsys):
+    from nfnets.train import _warn_shared_rendezvous_store
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # what torchrun sets by default
+    monkeypatch.setenv("RANK", "0")
+    _warn_shared_rendezvous_store()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # a fresh store per round
+    _warn_shared_rendezvous_store()
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("value,expected", [("60", 60.0), ("", None)])
+def test_collective_timeout_from_the_environment(monkeypatch, value, expected):
+    from nfnets.train import _collective_timeout
+
+    monkeypatch.setenv("NFNETS_DIST_TIMEOUT", value)
+    timeout = _collective_timeout()
+    assert (timeout.total_seconds() if timeout else None) == expected
+
+
+def test_bad_collective_timeout_is_one_line(monkeypatch):
+    from nfnets.errors import UsageError
+    from nfnets.train import _collective_timeout
+
+    monkeypatch.setenv("NFNETS_DIST_TIMEOUT", "soon")
+    with pytest.raises(UsageError, match="NFNETS_DIST_TIMEOUT must be a positive number"):
+        _collective_timeout()
