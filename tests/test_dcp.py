@@ -332,3 +332,66 @@ def test_third_party_dcp_directory_without_manifest_is_refused(tmp_path):
         warnings.simplefilter("ignore", CheckpointWarning)
         with pytest.raises(CheckpointError, match="no usable checkpoint"):
             load_latest_checkpoint(tmp_path / "checkpoints", move_aside=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# A save stopped at any stage leaves the previous checkpoint good
+
+
+@pytest.fixture
+def one_rank_group():
+    """A 1-rank gloo process group in this process (FSDP2 and DCP run on it)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage", ["save", "write_manifest", "_fsync", "replace"])
+def test_a_sharded_save_stopped_at_any_stage_leaves_the_previous_one(tmp_path, monkeypatch,
+                                                                      one_rank_group, stage):
+    import nfnets.distributed_checkpoint as module
+    from nfnets import create_model
+    from nfnets.distributed import shard_model
+    from nfnets.optim import EMA, sgd_agc
+    from nfnets.train import DIGITS_MODEL_ARGS
+
+    model = create_model("nfnet_f0", num_classes=10, **DIGITS_MODEL_ARGS)
+    ema = EMA(model, 0.9)
+    shard_model(model)
+    shard_model(ema.module)
+    optimizer = sgd_agc(model, 0.1, momentum=0.9, weight_decay=2e-5, clipping=0.01)
+    model(torch.randn(2, 3, 16, 16)).logsumexp(-1).mean().backward()
+    optimizer.step()
+    small = {"step": 1, "epoch": 0, "batch_in_epoch": 1, "model_name": model.model_name,
+             "model_kwargs": model.model_kwargs, "ema": {"num_updates": 0, "decay": 0.9}}
+    checkpoints = tmp_path / "checkpoints"
+    module.save_sharded_checkpoint(model, ema.module, optimizer, small, checkpoints, 1)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as far as the files go, what a kill leaves
+
+    if stage == "save":
+        import torch.distributed.checkpoint as dcp
+
+        monkeypatch.setattr(dcp, "save", killed)
+    elif stage == "replace":
+        monkeypatch.setattr(module.os, "replace", killed)
+    else:
+        monkeypatch.setattr(module, stage, killed)
+    with pytest.raises(KeyboardInterrupt):
+        module.save_sharded_checkpoint(model, ema.module, optimizer, {**small, "step": 2},
+                                       checkpoints, 2)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step_00000001.dcp"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)  # verifies: nothing moved aside
+        state = load_latest_checkpoint(checkpoints)
+    assert state["step"] == 1
+    torch.testing.assert_close(state["model"]["stem.conv0.weight"],
+                               model.state_dict()["stem.conv0.weight"].full_tensor())
+    assert len(remove_temp_checkpoints(checkpoints)) == 1  # the interrupted save's directory
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000001.dcp"]
