@@ -350,10 +350,8 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("stage", ["save", "write_manifest", "_fsync", "replace"])
-def test_a_sharded_save_stopped_at_any_stage_leaves_the_previous_one(tmp_path, monkeypatch,
-                                                                      one_rank_group, stage):
-    import nfnets.distributed_checkpoint as module
+def _sharded_training_state():
+    """A tiny FSDP2-sharded model, its EMA and an optimizer after one step."""
     from nfnets import create_model
     from nfnets.distributed import shard_model
     from nfnets.optim import EMA, sgd_agc
@@ -368,6 +366,15 @@ def test_a_sharded_save_stopped_at_any_stage_leaves_the_previous_one(tmp_path, m
     optimizer.step()
     small = {"step": 1, "epoch": 0, "batch_in_epoch": 1, "model_name": model.model_name,
              "model_kwargs": model.model_kwargs, "ema": {"num_updates": 0, "decay": 0.9}}
+    return model, ema, optimizer, small
+
+
+@pytest.mark.parametrize("stage", ["save", "write_manifest", "_fsync", "replace"])
+def test_a_sharded_save_stopped_at_any_stage_leaves_the_previous_one(tmp_path, monkeypatch,
+                                                                      one_rank_group, stage):
+    import nfnets.distributed_checkpoint as module
+
+    model, ema, optimizer, small = _sharded_training_state()
     checkpoints = tmp_path / "checkpoints"
     module.save_sharded_checkpoint(model, ema.module, optimizer, small, checkpoints, 1)
 
@@ -395,3 +402,29 @@ def test_a_sharded_save_stopped_at_any_stage_leaves_the_previous_one(tmp_path, m
                                model.state_dict()["stem.conv0.weight"].full_tensor())
     assert len(remove_temp_checkpoints(checkpoints)) == 1  # the interrupted save's directory
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000001.dcp"]
+
+
+def test_a_full_disk_during_a_sharded_save_is_one_line(tmp_path, monkeypatch, one_rank_group):
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import nfnets.distributed_checkpoint as module
+
+    model, ema, optimizer, small = _sharded_training_state()
+    checkpoints = tmp_path / "checkpoints"
+    module.save_sharded_checkpoint(model, ema.module, optimizer, small, checkpoints, 1)
+
+    def full(*args, **kwargs):  # what DCP raises, on every rank, when a rank's write fails
+        cause = OSError(errno.ENOSPC, "No space left on device")
+        raise CheckpointException("save failed", {0: (cause, None)})
+
+    monkeypatch.setattr(dcp, "save", full)
+    with pytest.raises(RunFailed, match="No space left on device") as caught:
+        module.save_sharded_checkpoint(model, ema.module, optimizer, {**small, "step": 2},
+                                       checkpoints, 2)
+    assert "\n" not in str(caught.value)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step_00000001.dcp"]
+    assert load_latest_checkpoint(checkpoints)["step"] == 1

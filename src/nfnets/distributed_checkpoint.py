@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .checkpoint import (
     DIR_MANIFEST,
@@ -53,7 +54,7 @@ from .checkpoint import (
     temp_checkpoint_dir,
     write_manifest,
 )
-from .errors import CheckpointError
+from .errors import CheckpointError, RunFailed
 from .files import atomic_write, disk_error, sha256_file
 from .untrusted import load_torch_archive
 
@@ -101,35 +102,55 @@ def save_sharded_checkpoint(model: nn.Module, ema_module: nn.Module, optimizer,
     dist.broadcast_object_list(token, src=0)  # one temp directory for all ranks
     tmp = temp_checkpoint_dir(final, token[0])
     tensors, param_groups = _sharded_tensors(model, ema_module, optimizer)
-    error = None
-    try:
-        if is_main:
+    device = next(model.parameters()).device  # NCCL reduces on the GPU
+    error: BaseException | None = None
+    if is_main:
+        try:
             tmp.mkdir(parents=True)
             small = {**state, "optimizer_param_groups": param_groups}
             atomic_write(tmp / STATE_FILE, lambda path: torch.save(small, path))
-        dist.barrier()
-        # Every rank writes its shards and fsyncs them; rank 0 writes .metadata last.
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
-        if is_main:
-            files = {entry.name: sha256_file(entry) for entry in sorted(tmp.iterdir())}
-            write_manifest(files, tmp / DIR_MANIFEST)
-            _fsync(tmp)
-            if final.exists():  # this step saved again (e.g. a resumed run stopping at once)
-                remove_checkpoint(final)
-            os.replace(tmp, final)  # the checkpoint appears whole, or not at all
-            _fsync(final.parent)
-            prune_checkpoints(directory, step, keep)
-    except OSError as err:
-        error = disk_error(tmp, err) or err
-    ok = torch.tensor([0.0 if error else 1.0])
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank learns whether the save worked
+        except OSError as err:
+            error = disk_error(tmp, err) or err
+    written = _all_ok(error is None, device)
+    if written:
+        try:  # every rank writes and fsyncs its shards; rank 0 writes .metadata last
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+        except CheckpointException as err:  # DCP raises it on every rank alike
+            error = _write_failure(tmp, err)
+        if error is None and is_main:
+            try:
+                files = {entry.name: sha256_file(entry) for entry in sorted(tmp.iterdir())}
+                write_manifest(files, tmp / DIR_MANIFEST)
+                _fsync(tmp)
+                if final.exists():  # this step saved again (e.g. a resumed run stopping at once)
+                    remove_checkpoint(final)
+                os.replace(tmp, final)  # the checkpoint appears whole, or not at all
+                _fsync(final.parent)
+                prune_checkpoints(directory, step, keep)
+            except OSError as err:
+                error = disk_error(final, err) or err
+        written = _all_ok(error is None, device)
     if error is not None:
         raise error
-    if not bool(ok.item()):
-        from .errors import RunFailed
-
-        raise RunFailed(f"another rank could not write its part of {final}; see its message")
+    if not written:
+        raise RunFailed(f"rank 0 could not write {final}; see its message")
     return final
+
+
+def _all_ok(ok: bool, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank (collective): ranks stop or go on together."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _write_failure(path: Path, err: BaseException) -> BaseException:
+    """The one-line error for a failed DCP write: the disk's, else the first rank's reason."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank, (cause, _) = min(err.failures.items())
+        return disk_error(path, cause) or RunFailed(
+            f"could not write {path}: rank {rank}: {type(cause).__name__}: {cause}")
+    return err
 
 
 def _fsync(directory: Path) -> None:
@@ -293,8 +314,10 @@ def load_sharded(checkpoint: dict[str, Any], model: nn.Module, ema_module: nn.Mo
     tensors, _ = _sharded_tensors(model, ema_module, optimizer)
     try:
         dcp.load(tensors, storage_reader=_safe_reader(path))
-    except (RuntimeError, KeyError, AssertionError, ValueError) as err:
-        raise CheckpointError(f"{path} does not fit this model: {err}") from None
+    except CheckpointException as err:  # every rank alike
+        rank, (cause, _) = min(err.failures.items())
+        raise CheckpointError(f"{path} cannot be loaded into this model (rank {rank}: "
+                              f"{type(cause).__name__}: {cause})") from None
     set_model_state_dict(model, tensors["model"])
     set_model_state_dict(ema_module, tensors["ema"])
     set_optimizer_state_dict(model, optimizer, {

@@ -1035,7 +1035,8 @@ def load_model(source: PathLike, *, model_name: str | None = None, ema: bool = F
     """Build the model that ``source`` holds and load it; return ``(model in eval mode, info)``.
 
     ``source`` is a training run directory (``model_ema.safetensors`` with ``ema``, else
-    ``model.safetensors``; while the run has neither, its newest ``checkpoints/step_*.pt``), a
+    ``model.safetensors``; while the run has neither, its newest checkpoint that verifies,
+    ``checkpoints/step_*.pt`` or a sharded ``step_*.dcp``), a sharded checkpoint directory, a
     ``.safetensors`` file (from ``save_weights``; a foreign one with our key names has its
     variant detected), a training checkpoint ``.pt``, a torch state dict, or DeepMind's
     ``F*_haiku.npz`` (variant detected from the file). ``model_name`` must agree with what the
