@@ -22,6 +22,7 @@ from official_format import to_official
 from PIL import Image
 
 import nfnets
+from nfnets.checkpoint import CheckpointWarning, manifest_path, write_manifest
 from nfnets.cli import main
 from nfnets.data import (
     DataError,
@@ -34,6 +35,7 @@ from nfnets.data import (
     normalize,
 )
 from nfnets.evaluate import evaluate, predict, preprocess_image
+from nfnets.files import sha256_file
 from nfnets.weights import CheckpointError, load_model, save_weights
 
 TINY = {"widths": (32, 64, 96, 96), "depths": (1, 1, 1, 1), "group_width": 16}
@@ -243,13 +245,23 @@ def test_run_in_progress_uses_its_newest_checkpoint(tmp_path):
     (run / "config.json").write_text(json.dumps({"classes": ["x", "y", "z"]}))
     write_checkpoint(run / "checkpoints" / "step_00000002.pt", 2, raw_class=0, ema_class=0)
     newest = write_checkpoint(run / "checkpoints" / "step_00000010.pt", 10, 2, 1)
-    raw, info = load_model(run)
+    # written without the SHA-256 manifest nfnets.train writes beside each: read, with a warning
+    with pytest.warns(CheckpointWarning, match="step_00000010.pt has no .* reading it unverified"):
+        raw, info = load_model(run)
+    for path in (run / "checkpoints").iterdir():
+        write_manifest({path.name: sha256_file(path)}, manifest_path(path))
     averaged, _ = load_model(run, ema=True)
     assert raw.fc.bias.argmax() == 2 and averaged.fc.bias.argmax() == 1
     assert info["source"] == str(newest) and not raw.training
     # class names from the run's config.json, the rest from the checkpoint's config
     assert info["classes"] == ["x", "y", "z"]
     assert (info["test_size"], info["data"], info["seed"]) == (24, "digits", 3)
+    # a newest checkpoint that no longer matches its digest: the previous good one, unchanged
+    write_manifest({newest.name: "0" * 64}, manifest_path(newest))
+    with pytest.warns(CheckpointWarning, match="step_00000010.pt is unusable"):
+        older, info = load_model(run)
+    assert older.fc.bias.argmax() == 0 and info["source"].endswith("step_00000002.pt")
+    assert newest.is_file()  # reading a run never moves its files
 
 
 def test_training_checkpoint_file(tmp_path):

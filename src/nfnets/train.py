@@ -339,7 +339,7 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
             saved = _should_save(cfg, state) and state["batch_in_epoch"] < steps_per_epoch
             if saved:
                 _save(out, model, ema, optimizer, scheduler, scaler, state, cfg, is_main,
-              total_steps)
+                      total_steps)
             signum = stop.agreed(world, device)
             at_limit = cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step
             if signum or at_limit:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (
+    CheckpointWarning,
     is_sharded_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -889,10 +890,21 @@ def _read_run(run: Path, ema: bool | None) -> _Source:
     if ema and (run / RUN_WEIGHTS[False]).is_file():
         raise CheckpointError(f"run {run} has {RUN_WEIGHTS[False]} but no "
                               f"{RUN_WEIGHTS[True]}; drop --ema")
-    if list_checkpoints(run / "checkpoints"):
+    checkpoints = list_checkpoints(run / "checkpoints")
+    if checkpoints:
         # the newest that verifies (file or sharded); a damaged one is skipped with a warning
         # but left where it is: reading a run never changes it
-        state = load_latest_checkpoint(run / "checkpoints", move_aside=False)
+        try:
+            state = load_latest_checkpoint(run / "checkpoints", move_aside=False)
+        except CheckpointError:
+            newest = checkpoints[-1]
+            if is_sharded_checkpoint(newest) or manifest_path(newest).exists():
+                raise
+            # none verifies and the newest has no digest at all (written before checkpoints
+            # had one, or copied without it): read it as a checkpoint file given by name
+            warnings.warn(f"{newest} has no {manifest_path(newest).name} to verify it against; "
+                          "reading it unverified", CheckpointWarning, stacklevel=2)
+            return _read_torch(newest, ema)
         if state is not None:
             return _training_checkpoint(state, Path(state["path"]), ema)
     raise CheckpointError(f"{run} holds no weights: expected a training run directory with "
