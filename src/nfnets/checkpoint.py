@@ -207,7 +207,6 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     For a sharded checkpoint (a directory) the manifest must also list every file in it:
     an unlisted file (or subdirectory) is refused as well.
     """
-    from .files import sha256_file
 
     path = Path(path)
     manifest = manifest_path(path)
@@ -222,12 +221,22 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     expected = _read_manifest(path, manifest)
     if path.name not in expected:
         raise CheckpointError(f"{path}: its manifest {manifest.name} does not list it")
+    _check_digests(path, path.parent, expected, manifest.name)
+
+
+def _check_digests(path: Path, folder: Path, expected: dict[str, str], manifest: str,
+                   plain_files: bool = False) -> None:
+    """Every file ``expected`` lists in ``folder`` exists (as a plain file, not a link, when
+    ``plain_files``) and has the listed SHA-256; ``path`` and ``manifest`` name them in errors."""
+    from .files import sha256_file
+
     for name, digest in expected.items():
-        member = path.parent / name
-        if not member.is_file():
-            raise CheckpointError(f"{path}: {name}, listed in {manifest.name}, is missing")
+        member = folder / name
+        if not member.is_file() or (plain_files and member.is_symlink()):
+            raise CheckpointError(f"{path}: {name}, listed in {manifest}, is missing or not a "
+                                  "plain file")
         if sha256_file(member) != digest:
-            raise CheckpointError(f"{path}: SHA-256 of {name} does not match {manifest.name} "
+            raise CheckpointError(f"{path}: SHA-256 of {name} does not match {manifest} "
                                   "(the file changed after it was written: disk or copy error)")
 
 
@@ -247,7 +256,6 @@ def _read_manifest(path: Path, manifest: Path) -> dict[str, str]:
 
 
 def _verify_directory(path: Path) -> None:
-    from .files import sha256_file
 
     manifest = path / DIR_MANIFEST
     if not path.is_dir():
@@ -266,13 +274,7 @@ def _verify_directory(path: Path) -> None:
     if extra:
         raise CheckpointError(f"{path}: {', '.join(extra)} not listed in {DIR_MANIFEST} (the "
                               "directory changed after it was written)")
-    for name, digest in expected.items():
-        member = path / name
-        if not member.is_file() or member.is_symlink():
-            raise CheckpointError(f"{path}: {name} is not a plain file")
-        if sha256_file(member) != digest:
-            raise CheckpointError(f"{path}: SHA-256 of {name} does not match {DIR_MANIFEST} "
-                                  "(the file changed after it was written: disk or copy error)")
+    _check_digests(path, path, expected, DIR_MANIFEST, plain_files=True)
 
 
 def load_checkpoint(path: str | os.PathLike, *, verify: bool = True,
