@@ -103,13 +103,15 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path):
 # Elastic restart: one rank killed mid-epoch, torchrun restarts the group, --resume auto
 
 
-def _torchrun_elastic(out, log_path, extra: list[str], timeout: float) -> int:
+def _torchrun_elastic(out, log_path, extra: list[str], timeout: float, nodes: int = 1) -> int:
     """torchrun --max-restarts 1 over 2 ranks of tests/elastic_train.py; its exit status.
 
-    Robust under pytest: output goes to a file (an unread pipe fills and blocks the writer),
-    no DataLoader workers (children a killed rank would leave behind), a 60 s limit on any
-    collective, and past ``timeout`` the agent and its ranks are killed: torchrun starts each
-    rank in a session of its own, so they are found by parentage, not by process group.
+    ``nodes=2`` starts two torchrun agents ("nodes") of one rank each, joined by the c10d
+    rendezvous, instead of one agent with two ranks. Robust under pytest: output goes to a file
+    (an unread pipe fills and blocks the writer), no DataLoader workers (children a killed rank
+    would leave behind), a 60 s limit on any collective, and past ``timeout`` the agents and
+    their ranks are killed: torchrun starts each rank in a session of its own, so they are
+    found by parentage, not by process group.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NFNETS_TEST_KILL_AT_STEP": "5",
            "NFNETS_TEST_KILL_MARKER": str(out.parent / f"{out.name}.killed"),
@@ -118,21 +120,24 @@ def _torchrun_elastic(out, log_path, extra: list[str], timeout: float) -> int:
            # store kept the killed group's addresses, so the restarted one could not connect)
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     script = os.path.join(os.path.dirname(__file__), "elastic_train.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", "1",
-               "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--monitor-interval", "0.5",
+    layout = (["--nproc-per-node", "2"] if nodes == 1 else
+              ["--nnodes", str(nodes), "--nproc-per-node", "1", "--rdzv-id", "nfnets-elastic"])
+    command = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", "1", *layout,
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+               "--monitor-interval", "0.5",
                script, "train", "--out", str(out), "--resume", "auto", *COMMON,
                "--save-every", "2", "--stop-at-step", "6", "--num-workers", "0", *extra]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        agents = [subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True) for _ in range(nodes)]
         try:
-            return process.wait(timeout=timeout)
+            return max(abs(agent.wait(timeout=timeout)) for agent in agents)
         except subprocess.TimeoutExpired:
-            for pid in [process.pid, *_descendants(process.pid)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            process.wait()
+            for agent in agents:
+                for pid in [agent.pid, *_descendants(agent.pid)]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                agent.wait()
             raise
 
 
@@ -161,10 +166,11 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
-def test_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, uninterrupted, extra):
+@pytest.mark.parametrize(("extra", "nodes"), [([], 1), (["--fsdp"], 1), ([], 2)],
+                         ids=["ddp", "fsdp", "ddp-two-nodes"])
+def test_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, uninterrupted, extra, nodes):
     out, log = tmp_path / "run", tmp_path / "torchrun.log"
-    status = _torchrun_elastic(out, log, extra, timeout=150)
+    status = _torchrun_elastic(out, log, extra, timeout=150, nodes=nodes)
     text = log.read_text()
     assert status == 0, text[-4000:]
     assert (tmp_path / "run.killed").read_text() == "killed rank 1 at step 5\n"
