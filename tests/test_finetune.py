@@ -79,3 +79,25 @@ def test_init_from_a_run_or_file_takes_its_architecture(tmp_path):
     # flags win over what the file records
     cfg = TrainConfig(data="/d", init_from=str(run), model_args={"group_width": 8}).resolved()
     assert cfg.model_args["group_width"] == 8
+
+
+def test_init_from_a_run_in_progress_or_its_checkpoint_takes_the_runs_architecture(tmp_path):
+    import json
+
+    from nfnets.pretrained import weights_architecture
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    recorded = {**DIGITS_MODEL_ARGS, "num_classes": 5, "drop_rate": 0.0, "stochdepth_rate": 0.0}
+    (run / "config.json").write_text(json.dumps({"model": "nfnet_f1", "model_kwargs": recorded}))
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in DIGITS_MODEL_ARGS.items()}
+    # no model.safetensors yet: the run's config.json tells, for the run and its checkpoints
+    for source in (run, run / "checkpoints" / "step_00000004.pt",
+                   run / "checkpoints" / "step_00000004.dcp"):
+        assert weights_architecture(str(source)) == ("nfnet_f1", expected), source
+        cfg = TrainConfig(data="/d", init_from=str(source), train_size=32).resolved()
+        assert (cfg.model, cfg.model_args) == ("nfnet_f1", expected)
+        assert cfg.drop_rate == 0.25  # the preset's, not the run's
+    (run / "config.json").write_text("{not json")  # damaged: --model decides
+    assert weights_architecture(str(run)) is None
+    assert weights_architecture(str(tmp_path / "elsewhere" / "step_00000004.pt")) is None

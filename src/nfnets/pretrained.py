@@ -20,6 +20,7 @@ no NF-ResNet or NF-RegNet weights.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import urllib.error
@@ -569,24 +570,45 @@ _RUN_OPTIONS = ("num_classes", "drop_rate", "stochdepth_rate")
 
 def weights_architecture(spec: str) -> tuple[str, dict[str, Any]] | None:
     """``(model name, create_model options)`` of what ``--init-from spec`` holds, read without
-    loading any weights: a released or ``hf-hub:`` name, or an nfnets safetensors file or run
-    directory (from its metadata); None when it cannot be told (then --model decides).
+    loading any weights: a released or ``hf-hub:`` name, an nfnets safetensors file or run
+    directory (from its metadata), or a run still going or one of its checkpoints (from the
+    run's ``config.json``); None when it cannot be told (then --model decides).
 
     The options leave out the class count, dropout and stochastic depth, which the fine-tuning
     run sets itself.
     """
+    from .checkpoint import is_sharded_checkpoint
     from .weights import RUN_WEIGHTS, read_weights_metadata
 
     name = weights_model_name(spec)
     if name is not None:
         return name, {}
     path = Path(spec)
-    files = [path / RUN_WEIGHTS[True], path / RUN_WEIGHTS[False]] if path.is_dir() else [path]
+    is_run = path.is_dir() and not is_sharded_checkpoint(path)
+    files = [path / RUN_WEIGHTS[True], path / RUN_WEIGHTS[False]] if is_run else [path]
     for file in files:
         try:
             metadata = read_weights_metadata(file)
         except (OSError, CheckpointError):  # absent, or not our safetensors
             continue
-        kwargs = {k: v for k, v in metadata["model_kwargs"].items() if k not in _RUN_OPTIONS}
-        return metadata["model_name"], kwargs
-    return None
+        return metadata["model_name"], _architecture_options(metadata["model_kwargs"])
+    # a run without final weights yet, or a checkpoint inside RUN/checkpoints/
+    run = path if is_run else path.parent.parent if path.parent.name == "checkpoints" else None
+    return None if run is None else _run_architecture(run / "config.json")
+
+
+def _architecture_options(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in model_kwargs.items() if k not in _RUN_OPTIONS}
+
+
+def _run_architecture(config: Path) -> tuple[str, dict[str, Any]] | None:
+    """The model name and options a run's config.json records (written by nfnets.train)."""
+    try:
+        recorded = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    name = recorded.get("model") if isinstance(recorded, dict) else None
+    kwargs = recorded.get("model_kwargs") if isinstance(recorded, dict) else None
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        return None
+    return name, _architecture_options(kwargs)
