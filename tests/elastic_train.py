@@ -2,7 +2,8 @@
 
 ``NFNETS_TEST_KILL_AT_STEP=K`` makes rank 1 SIGKILL its own process right after optimizer
 step K (uncatchable, as when a node dies), once: the file ``NFNETS_TEST_KILL_MARKER`` records
-that it happened, so the group torchrun restarts runs to the end.
+that it happened, so the group torchrun restarts runs to the end. ``NFNETS_TEST_SIGNAL=TERM``
+sends SIGTERM instead (as a scheduler's preemption notice, to one rank only).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ def _dying_should_save(cfg, state):
     marker = Path(os.environ["NFNETS_TEST_KILL_MARKER"])
     at = int(os.environ["NFNETS_TEST_KILL_AT_STEP"])
     if os.environ.get("RANK") == "1" and state["step"] == at and not marker.exists():
-        marker.write_text(f"killed rank 1 at step {at}\n")
-        os.kill(os.getpid(), signal.SIGKILL)
+        name = os.environ.get("NFNETS_TEST_SIGNAL", "KILL")
+        marker.write_text(f"{'killed' if name == 'KILL' else 'signalled'} rank 1 at step {at}\n")
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
     return _should_save(cfg, state)
 
 

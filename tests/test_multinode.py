@@ -103,17 +103,20 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path):
 # Elastic restart: one rank killed mid-epoch, torchrun restarts the group, --resume auto
 
 
-def _torchrun_elastic(out, log_path, extra: list[str], timeout: float, nodes: int = 1) -> int:
+def _torchrun_elastic(out, log_path, extra: list[str], timeout: float, nodes: int = 1,
+                      restarts: int = 1, signal_name: str = "KILL", at_step: int = 5) -> int:
     """torchrun --max-restarts 1 over 2 ranks of tests/elastic_train.py; its exit status.
 
     ``nodes=2`` starts two torchrun agents ("nodes") of one rank each, joined by the c10d
-    rendezvous, instead of one agent with two ranks. Robust under pytest: output goes to a file
-    (an unread pipe fills and blocks the writer), no DataLoader workers (children a killed rank
-    would leave behind), a 60 s limit on any collective, and past ``timeout`` the agents and
-    their ranks are killed: torchrun starts each rank in a session of its own, so they are
-    found by parentage, not by process group.
+    rendezvous, instead of one agent with two ranks. Rank 1 sends itself ``SIG<signal_name>``
+    after step ``at_step``, once (tests/elastic_train.py). Robust under pytest: output goes to
+    a file (an unread pipe fills and blocks the writer), no DataLoader workers (children a
+    killed rank would leave behind), a 60 s limit on any collective, and past ``timeout`` the
+    agents and their ranks are killed: torchrun starts each rank in a session of its own, so
+    they are found by parentage, not by process group.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NFNETS_TEST_KILL_AT_STEP": "5",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NFNETS_TEST_KILL_AT_STEP": str(at_step),
+           "NFNETS_TEST_SIGNAL": signal_name,
            "NFNETS_TEST_KILL_MARKER": str(out.parent / f"{out.name}.killed"),
            "NFNETS_DIST_TIMEOUT": "60",
            # a fresh rendezvous store per restart round (see nfnets.train: torchrun's shared
@@ -122,7 +125,8 @@ def _torchrun_elastic(out, log_path, extra: list[str], timeout: float, nodes: in
     script = os.path.join(os.path.dirname(__file__), "elastic_train.py")
     layout = (["--nproc-per-node", "2"] if nodes == 1 else
               ["--nnodes", str(nodes), "--nproc-per-node", "1", "--rdzv-id", "nfnets-elastic"])
-    command = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", "1", *layout,
+    command = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", str(restarts),
+               *layout,
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
                "--monitor-interval", "0.5",
                script, "train", "--out", str(out), "--resume", "auto", *COMMON,
@@ -215,3 +219,37 @@ def test_bad_collective_timeout_is_one_line(monkeypatch):
     monkeypatch.setenv("NFNETS_DIST_TIMEOUT", "soon")
     with pytest.raises(UsageError, match="NFNETS_DIST_TIMEOUT must be a positive number"):
         _collective_timeout()
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_fsdp_rank_stops_the_group_with_a_sharded_checkpoint(tmp_path,
+                                                                           uninterrupted):
+    """A preemption notice reaching one rank only: both ranks finish the step, write a sharded
+    checkpoint together and exit 143; the same command then resumes to the uninterrupted run."""
+    from nfnets.checkpoint import list_checkpoints, verify_checkpoint
+
+    out = tmp_path / "run"
+    first = tmp_path / "first.log"
+    status = _torchrun_elastic(out, first, ["--fsdp"], timeout=150, restarts=0,
+                               signal_name="TERM", at_step=3)
+    text = first.read_text()
+    assert status != 0, text[-4000:]  # the agent reports its ranks' exit status
+    assert text.count("exitcode  : 143") == 2, text[-4000:]  # both ranks: 128 + SIGTERM
+    # the one traceback is torchrun's own report of the ranks' exit status, not a rank's
+    assert text.count("Traceback") == 1 and "ChildFailedError" in text, text[-4000:]
+    assert f"nfnets train --resume {out}" in text
+    assert (tmp_path / "run.killed").read_text() == "signalled rank 1 at step 3\n"
+    newest = list_checkpoints(out / "checkpoints")[-1]
+    assert newest.name == "step_00000003.dcp"
+    verify_checkpoint(newest)
+    assert not [p for p in (out / "checkpoints").iterdir() if ".tmp-" in p.name]
+    second = tmp_path / "second.log"
+    assert _torchrun_elastic(out, second, ["--fsdp"], timeout=150, restarts=0) == 0, \
+        second.read_text()[-4000:]
+    final = load_checkpoint(out / "checkpoints")
+    assert final["step"] == 6
+    for part, reference in (("model", uninterrupted["model"]),
+                            ("ema", uninterrupted["ema"]["module"])):
+        got = final[part] if part == "model" else final["ema"]["module"]
+        for key, value in reference.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{part} {key}")
