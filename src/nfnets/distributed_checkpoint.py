@@ -117,9 +117,12 @@ def save_sharded_checkpoint(model: nn.Module, ema_module: nn.Module, optimizer,
             dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
         except CheckpointException as err:  # DCP raises it on every rank alike
             error = _write_failure(tmp, err)
+        digests = _shard_digests(tmp) if error is None else {}
         if error is None and is_main:
             try:
-                files = {entry.name: sha256_file(entry) for entry in sorted(tmp.iterdir())}
+                # the rest (.metadata, state.pt, and anything DCP named otherwise) by rank 0
+                files = {entry.name: digests.get(entry.name) or sha256_file(entry)
+                         for entry in sorted(tmp.iterdir())}
                 write_manifest(files, tmp / DIR_MANIFEST)
                 _fsync(tmp)
                 if final.exists():  # this step saved again (e.g. a resumed run stopping at once)
@@ -135,6 +138,21 @@ def save_sharded_checkpoint(model: nn.Module, ema_module: nn.Module, optimizer,
     if not written:
         raise RunFailed(f"rank 0 could not write {final}; see its message")
     return final
+
+
+def _shard_digests(tmp: Path) -> dict[str, str]:
+    """SHA-256 of the shard files this rank wrote (DCP names them ``__<rank>_<n>.distcp``),
+    gathered from every rank (collective): each rank hashes its own, in parallel and while
+    they are likely still in its page cache, instead of rank 0 reading every rank's bytes."""
+    rank = dist.get_rank()
+    try:
+        mine = {entry.name: sha256_file(entry) for entry in sorted(tmp.iterdir())
+                if entry.name.startswith(f"__{rank}_") and entry.suffix == ".distcp"}
+    except OSError:  # rank 0 hashes what is missing, and reports the disk's error itself
+        mine = {}
+    gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {name: digest for part in gathered for name, digest in (part or {}).items()}
 
 
 def _all_ok(ok: bool, device: torch.device) -> bool:
