@@ -169,6 +169,17 @@ def uninterrupted(tmp_path_factory):
     return load_checkpoint(out / "checkpoints")
 
 
+def _assert_equals_uninterrupted(out, uninterrupted) -> None:
+    """The run in ``out`` ended at step 6 with the uninterrupted run's weights and EMA."""
+    final = load_checkpoint(out / "checkpoints")
+    assert final["step"] == 6
+    for part, reference in (("model", uninterrupted["model"]),
+                            ("ema", uninterrupted["ema"]["module"])):
+        got = final[part] if part == "model" else final["ema"]["module"]
+        for key, value in reference.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{part} {key}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("extra", "nodes"), [([], 1), (["--fsdp"], 1), ([], 2)],
                          ids=["ddp", "fsdp", "ddp-two-nodes"])
@@ -179,13 +190,7 @@ def test_killed_rank_is_restarted_by_torchrun_and_resumes(tmp_path, uninterrupte
     assert status == 0, text[-4000:]
     assert (tmp_path / "run.killed").read_text() == "killed rank 1 at step 5\n"
     assert "resuming" in text  # the restarted group continued the run, not a fresh start
-    final = load_checkpoint(out / "checkpoints")
-    assert final["step"] == 6
-    for part, reference in (("model", uninterrupted["model"]),
-                            ("ema", uninterrupted["ema"]["module"])):
-        got = final[part] if part == "model" else final["ema"]["module"]
-        for key, value in reference.items():
-            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{part} {key}")
+    _assert_equals_uninterrupted(out, uninterrupted)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
     assert steps == [1, 2, 3, 4, 5, 6]  # step 5's record, written before the kill, redone
 
@@ -249,10 +254,4 @@ def test_sigterm_on_one_fsdp_rank_stops_the_group_with_a_sharded_checkpoint(tmp_
     second = tmp_path / "second.log"
     assert _torchrun_elastic(out, second, ["--fsdp"], timeout=150, restarts=0) == 0, \
         second.read_text()[-4000:]
-    final = load_checkpoint(out / "checkpoints")
-    assert final["step"] == 6
-    for part, reference in (("model", uninterrupted["model"]),
-                            ("ema", uninterrupted["ema"]["module"])):
-        got = final[part] if part == "model" else final["ema"]["module"]
-        for key, value in reference.items():
-            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{part} {key}")
+    _assert_equals_uninterrupted(out, uninterrupted)

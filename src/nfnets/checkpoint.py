@@ -256,7 +256,6 @@ def _read_manifest(path: Path, manifest: Path) -> dict[str, str]:
 
 
 def _verify_directory(path: Path) -> None:
-
     manifest = path / DIR_MANIFEST
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint")
