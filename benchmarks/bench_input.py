@@ -7,8 +7,10 @@ other processes on a shared machine does not count), times these cases interleav
 ``--rounds`` rounds after a warm-up, and reports the median and the spread:
 
 - ``ours_cpu``: what nfnets' workers do in the default fast mode (``FastTrainTransform``:
-  reduced-size JPEG decoding when the crop allows, crop, uint8 resize, flip; 2B images per B
-  output samples, stacked by ``collate_raw``);
+  decoding only the crop through libturbojpeg, at reduced size when the crop allows, uint8
+  resize, flip; 2B images per B output samples, stacked by ``collate_raw``);
+- ``ours_cpu_whole_decode``: the same where libturbojpeg is missing: whole images decoded
+  (simplejpeg), then cropped (``whole_image_decoding``; the same pixels);
 - ``ours_total``: the same plus the batch stage on the CPU (``BatchAugment``: half MixUp, half
   CutMix, RandAugment 4 layers M=5, normalisation, soft targets): F0's recipe;
 - ``exact_total``: the exact mode (``TrainTransform`` in float32, then the batch stage), the
@@ -42,6 +44,7 @@ Prints a JSON object (``ours_cpu_per_core``, ``ours_total_per_core``, ``timm_per
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -64,6 +67,8 @@ from nfnets.data import (
     ResumableSampler,
     collate_raw,
     imagenet_datasets,
+    turbojpeg_library,
+    whole_image_decoding,
     worker_init,
 )
 from nfnets.files import atomic_write
@@ -116,8 +121,10 @@ class OursCase:
     """nfnets' loader work for one batch, in this process: keys -> samples -> raw batch
     (-> the batch stage)."""
 
-    def __init__(self, dataset, batch: int, augment: AugmentConfig, stage: bool) -> None:
+    def __init__(self, dataset, batch: int, augment: AugmentConfig, stage: bool,
+                 whole_decode: bool = False) -> None:
         self.dataset = dataset
+        self.whole_decode = whole_decode
         self.raw = augment.raw_batch_size(batch)
         self.sampler = ResumableSampler(len(dataset), batch_size=self.raw, seed=0)
         self.stage = BatchAugment(len(dataset.classes), augment) if stage else None
@@ -134,7 +141,8 @@ class OursCase:
         return key
 
     def __call__(self) -> None:
-        raw = collate_raw([self.dataset[self._key()] for _ in range(self.raw)])
+        with whole_image_decoding() if self.whole_decode else contextlib.nullcontext():
+            raw = collate_raw([self.dataset[self._key()] for _ in range(self.raw)])
         if self.stage is not None:
             self.stage(raw)
 
@@ -296,6 +304,8 @@ def main() -> None:
         cases: dict[str, tuple[Callable[[], None], int]] = {
             # (one call, output samples per call)
             "ours_cpu": (OursCase(fast, b, augment, stage=False), b),
+            "ours_cpu_whole_decode": (OursCase(fast, b, augment, stage=False,
+                                               whole_decode=True), b),
             "ours_total": (OursCase(fast, b, augment, stage=True), b),
             "exact_total": (OursCase(exact, b, augment, stage=True), b),
             "timm": (TimmCase(root, b, args.size, args.classes), b),
@@ -319,6 +329,7 @@ def main() -> None:
                     "processor": platform.processor() or platform.machine()},
         "versions": {"torch": torch.__version__, "pillow": Image.__version__,
                      "timm": __import__("timm").__version__},
+        "libturbojpeg": turbojpeg_library(),
         "settings": {"batch": b, "size": args.size, "augment": args.augment,
                      "rounds": args.rounds, "batches_per_round": args.batches,
                      "images": "500x375 / 375x500 JPEG q90 from scikit-image photos",
@@ -330,6 +341,8 @@ def main() -> None:
         "samples_per_core": {name: [round(x, 1) for x in r] for name, r in rates.items()},
         "ratios": {
             "ours_cpu / timm": round(median["ours_cpu"] / median["timm"], 2),
+            "ours_cpu_whole_decode / timm": round(median["ours_cpu_whole_decode"]
+                                                  / median["timm"], 2),
             "ours_total / timm": round(median["ours_total"] / median["timm"], 2),
             "exact_total / timm": round(median["exact_total"] / median["timm"], 2),
             "ours_total / exact_total": round(median["ours_total"] / median["exact_total"], 2),

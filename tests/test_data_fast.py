@@ -37,6 +37,7 @@ from nfnets.data import (
     train_loader,
 )
 from nfnets.data.decode import decode_jpeg, jpeg_size
+from nfnets.data.jpeg_region import decode_jpeg_region
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -111,17 +112,18 @@ def test_fast_transform_draws_the_exact_crop_and_flip():
 
 
 def test_fast_transform_uses_reduced_decoding_when_the_crop_allows(monkeypatch):
-    """A big image with a small train size decodes at the reduction its crop allows."""
+    """A big image with a small train size decodes at the reduction its crop allows, and only
+    the crop: the region handed to the decoder is the crop box at that scale."""
     import nfnets.data.transforms as transforms
 
     decoded = []
 
-    def recording_decode(data, min_height=0, min_width=0):
-        out = decode_jpeg(data, min_height, min_width)
-        decoded.append(tuple(out.shape[1:]))
+    def recording_decode(data, box, scale=1, size=None, mirror=False):
+        out = decode_jpeg_region(data, box, scale, size, mirror)
+        decoded.append((scale, box, out.shape))
         return out
 
-    monkeypatch.setattr(transforms, "decode_jpeg", recording_decode)
+    monkeypatch.setattr(transforms, "decode_jpeg_region", recording_decode)
     data = _jpeg(600, 800, seed=1)
     fast, exact = FastTrainTransform(24), TrainTransform(24)
     image = load_rgb(io.BytesIO(data))
@@ -130,7 +132,10 @@ def test_fast_transform_uses_reduced_decoding_when_the_crop_allows(monkeypatch):
         out = decode_and_transform(data, fast, _gen(s))
         top, left, h, w = transforms.train_crop_box(600, 800, 24, _gen(s))
         scales.append(draft_scale(h, w, 24))
-        assert decoded[-1] == (600 // scales[-1], 800 // scales[-1])
+        scale, box, shape = decoded[-1]
+        assert scale == scales[-1]
+        assert shape == (box[2], box[3], 3)
+        assert abs(box[0] * scale - top) <= scale and abs(box[2] * scale - h) <= scale
         assert _psnr(out, exact(image, _gen(s)).clamp(0, 255)) > 18  # exact aliases at 1/25
     assert max(scales) > 1
 

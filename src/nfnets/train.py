@@ -54,6 +54,7 @@ from .data import (
     digits_datasets,
     digits_recipe_changes,
     eval_loader,
+    jpeg_decoding,
     open_datasets,
     train_loader,
 )
@@ -1104,6 +1105,8 @@ class _Logger:
               f"({sum(p.numel() for p in model.parameters()):,} parameters) on {cfg.data}: "
               f"{len(train_set)} train / {len(val_set)} val images, "
               f"{len(train_set.classes)} classes; run directory {self.out}")
+        if cfg.data != "digits" and cfg.pipeline == "fast":
+            print(f"nfnets: {jpeg_decoding()}")
         if cfg.data == "digits" and not resumed:
             print("nfnets: the digits demo differs from the ImageNet recipe in:")
             for key, value in _digits_changes(cfg).items():

@@ -37,6 +37,12 @@ from ..errors import DataError
 from .decode import IMAGE_EXTENSIONS, decode_and_transform, load_rgb, pil_to_rgb
 from .digits import TensorImageDataset, digits_datasets, digits_recipe_changes
 from .folder import IgnoredFilesWarning, ImageFolderDataset, check_same_classes, imagenet_datasets
+from .jpeg_region import (
+    decode_jpeg_region,
+    jpeg_decoding,
+    turbojpeg_library,
+    whole_image_decoding,
+)
 from .loaders import (
     MEAN_RGB,
     STD_RGB,
@@ -78,11 +84,12 @@ __all__ = [
     "CROP_PADDING", "DIGITS_CROP_AREA", "IMAGE_EXTENSIONS", "MAX_CONSECUTIVE_SKIPS", "MEAN_RGB",
     "RANDOM_CROP_AREA", "RANDOM_CROP_ASPECT", "RANDOM_CROP_ATTEMPTS", "RANDOM_CROP_MIN_COVERED",
     "STD_RGB", "Batch", "BatchAugment", "DataError", "DeviceLoader", "DigitsTrainTransform",
-    "EvalTransform", "FastTrainTransform", "IgnoredFilesWarning", "ImageFolderDataset",
-    "RawBatch", "ResumableSampler", "Sample", "SkippedImageWarning", "TensorImageDataset",
-    "TrainCollate", "TrainTransform", "Transform", "check_same_classes", "collate_raw",
-    "crop_resize_box", "decode_and_transform", "digits_datasets", "digits_recipe_changes",
-    "draft_scale", "eval_collate", "eval_loader", "imagenet_datasets", "load_rgb", "normalize",
-    "open_datasets", "pil_to_rgb", "resize_uint8", "sample_distorted_box", "train_crop_box",
-    "train_loader", "worker_init",
+    "EvalTransform", "FastTrainTransform", "IgnoredFilesWarning", "ImageFolderDataset", "RawBatch",
+    "ResumableSampler", "Sample", "SkippedImageWarning", "TensorImageDataset", "TrainCollate",
+    "TrainTransform", "Transform", "check_same_classes", "collate_raw", "crop_resize_box",
+    "decode_and_transform", "decode_jpeg_region", "digits_datasets", "digits_recipe_changes",
+    "draft_scale", "eval_collate", "eval_loader", "imagenet_datasets", "jpeg_decoding", "load_rgb",
+    "normalize", "open_datasets", "pil_to_rgb", "resize_uint8", "sample_distorted_box",
+    "train_crop_box", "train_loader", "turbojpeg_library", "whole_image_decoding",
+    "worker_init",
 ]

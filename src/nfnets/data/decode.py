@@ -72,15 +72,32 @@ _JPEG_MAGIC = b"\xff\xd8"
 _TURBO_COLOURSPACES = ("YCbCr", "Gray", "RGB")  # CMYK/YCCK JPEGs go through PIL
 
 
+def check_pixels(height: int, width: int) -> None:
+    """Raise ``ValueError`` for an image larger than PIL's decompression-bomb limit (twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``, where PIL itself refuses), so that a small file claiming
+    huge dimensions never makes a decoder allocate for them."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > 2 * limit:
+        raise ValueError(
+            f"image of {width} x {height} pixels exceeds the limit of {2 * limit} "
+            "(PIL.Image.MAX_IMAGE_PIXELS x 2); raise that limit to read it"
+        )
+
+
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) of a JPEG that ``decode_jpeg`` handles, from its header; else None."""
+    """(height, width) of a JPEG that ``decode_jpeg`` handles, from its header; else None.
+
+    Raises ``ValueError`` for one over the size limit (``check_pixels``)."""
     if simplejpeg is None or not data.startswith(_JPEG_MAGIC):
         return None
     try:
         height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
-    return (height, width) if colourspace in _TURBO_COLOURSPACES else None
+    if colourspace not in _TURBO_COLOURSPACES:
+        return None
+    check_pixels(height, width)
+    return height, width
 
 
 def decode_jpeg(data: bytes, min_height: int = 0, min_width: int = 0) -> Tensor:

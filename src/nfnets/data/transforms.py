@@ -7,10 +7,11 @@ both:
 
 - ``TrainTransform`` (the exact mode): decode the whole image, crop, flip, resize in float32
   without antialiasing or clamping, like TF2's ``tf.image.resize``;
-- ``FastTrainTransform`` (the default): decode at 1/2, 1/4 or 1/8 size when the crop is still
-  at least S pixels on each side there (JPEG DCT scaling, PIL ``Image.draft``), crop, resize in
-  uint8 (PyTorch's bicubic kernel, no antialiasing), flip the small result. Output uint8, a
-  quarter of the bytes to move to the device. docs/data.md gives its deviation from the exact mode.
+- ``FastTrainTransform`` (the default): decode only the crop (as the official
+  ``tf.image.decode_and_crop_jpeg``), at 1/2, 1/4 or 1/8 size when the crop is still at least
+  S pixels on each side there (JPEG DCT scaling, PIL ``Image.draft``), resize in uint8
+  (PyTorch's bicubic kernel, no antialiasing), flip the small result. Output uint8, a quarter
+  of the bytes to move to the device. docs/data.md gives its deviation from the exact mode.
 
 Evaluation (nfnets/dataset.py _decode_and_center_crop): ``EvalTransform``. The digits demo:
 ``DigitsTrainTransform``.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,9 +31,9 @@ from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from ..augment import _randint
 from ..errors import UsageError
-from .decode import decode_jpeg, jpeg_size, pil_to_rgb
+from .decode import jpeg_size, pil_to_rgb
+from .jpeg_region import decode_jpeg_region
 
 CROP_PADDING = 32  # nfnets/dataset.py: eval and fallback crops leave a 32 px margin
 RANDOM_CROP_AREA = (0.08, 1.0)  # nfnets/dataset.py _decode_and_random_crop
@@ -59,9 +60,12 @@ def _crop_attempt(
     width: int,
     aspect: float,
     area_range: tuple[float, float],
-    generator: torch.Generator | None,
+    draws: Sequence[float],
 ) -> Box | None:
-    """One try of TF's sample_distorted_bounding_box (GenerateRandomCrop), or None."""
+    """One try of TF's sample_distorted_bounding_box (GenerateRandomCrop), or None.
+
+    ``draws``: three uniforms in [0, 1) for the height, the top and the left offset.
+    """
     min_area = area_range[0] * width * height
     max_area = area_range[1] * width * height
     # TF draws the height uniformly between the heights giving the min and max areas.
@@ -74,7 +78,7 @@ def _crop_attempt(
     max_h = min(max_h, height)
     crop_h = min(crop_h, max_h)
     if crop_h < max_h:
-        crop_h += _randint(max_h - crop_h + 1, generator)
+        crop_h += _uniform_int(draws[0], max_h - crop_h + 1)
     crop_w = round(crop_h * aspect)
     if crop_w * crop_h < min_area:  # TF nudges the height by one against rounding
         crop_h += 1
@@ -86,9 +90,14 @@ def _crop_attempt(
     if not (min_area <= area <= max_area and 0 < crop_w <= width and 0 < crop_h <= height):
         return None
     # TF's offsets are uniform over [0, H - h), so a smaller crop never touches the last row.
-    top = _randint(height - crop_h, generator) if crop_h < height else 0
-    left = _randint(width - crop_w, generator) if crop_w < width else 0
+    top = _uniform_int(draws[1], height - crop_h) if crop_h < height else 0
+    left = _uniform_int(draws[2], width - crop_w) if crop_w < width else 0
     return top, left, crop_h, crop_w
+
+
+def _uniform_int(u: float, high: int) -> int:
+    """An integer uniform in [0, high) from a uniform ``u`` in [0, 1)."""
+    return min(int(u * high), high - 1)
 
 
 def sample_distorted_box(
@@ -106,11 +115,12 @@ def sample_distorted_box(
     Aspect uniform in ``aspect_range``, height uniform between the heights of the min and max
     areas, offset uniform; a box must also cover ``min_covered`` of the image. Returns the
     whole image when every attempt fails (nfnets/dataset.py _decode_and_random_crop).
+    Every attempt's uniforms come from one draw of ``generator`` (one call per image
+    rather than four per attempt: this runs for every training image).
     """
-    for _ in range(attempts):
-        u = float(torch.rand(1, generator=generator))
-        aspect = aspect_range[0] + u * (aspect_range[1] - aspect_range[0])
-        box = _crop_attempt(height, width, aspect, area_range, generator)
+    for draws in torch.rand(attempts, 4, generator=generator).tolist():
+        aspect = aspect_range[0] + draws[0] * (aspect_range[1] - aspect_range[0])
+        box = _crop_attempt(height, width, aspect, area_range, draws[1:])
         if box is not None and box[2] * box[3] >= min_covered * height * width:
             return box
     return 0, 0, height, width
@@ -188,12 +198,13 @@ def resize_uint8(image: Tensor, height: int, width: int) -> Tensor:
     antialiasing, as the official resize (TF2 ``tf.image.resize``) and the exact mode.
 
     PyTorch's uint8 kernel: the exact mode's cubic (a = -0.75), with the intermediate row pass
-    rounded and clamped to uint8; several times faster than the float path on channels-last
-    input, which is how decoded images arrive.
+    rounded and clamped to uint8. The input is made channels-last contiguous first (decoded
+    images are channels-last, but a crop of one is strided): only then does PyTorch take its
+    vectorised uint8 path, which gives the same pixels as its generic one at a fraction of
+    the time (docs/performance.md).
     """
-    return nnf.interpolate(
-        image.unsqueeze(0), size=(height, width), mode="bicubic", antialias=False
-    ).squeeze(0)
+    batch = image.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    return nnf.interpolate(batch, size=(height, width), mode="bicubic", antialias=False)[0]
 
 
 class FastTrainTransform:
@@ -201,7 +212,8 @@ class FastTrainTransform:
 
     Takes the undecoded file as bytes (``decodes_itself``) or a decoded 3 x H x W uint8
     tensor. The crop box and flip are drawn exactly as ``TrainTransform`` draws them; the
-    size comes from the JPEG header, so the decoder knows the crop before it decodes.
+    size comes from the JPEG header, so the decoder knows the crop before it decodes and
+    decodes only the crop (``decode_jpeg_region``: the same pixels as decoding everything).
     """
 
     decodes_itself = True
@@ -211,30 +223,40 @@ class FastTrainTransform:
 
     def __call__(self, image: bytes | Tensor, generator: torch.Generator | None = None) -> Tensor:
         if isinstance(image, Tensor):
-            height, width = image.shape[-2:]
-            box = train_crop_box(height, width, self.size, generator)
-            flip = _coin(generator)
-        else:
-            data, jpeg = image, jpeg_size(image)
-            if jpeg is not None:
-                height, width = jpeg
-            else:
-                pil = Image.open(io.BytesIO(data))
-                width, height = pil.size
-            box = train_crop_box(height, width, self.size, generator)
-            flip = _coin(generator)
-            scale = draft_scale(box[2], box[3], self.size)
-            if jpeg is not None:
-                image = decode_jpeg(data, -(-height // scale), -(-width // scale))
-            else:
-                if scale > 1 and pil.format == "JPEG":
-                    pil.draft("RGB", (width // scale, height // scale))
-                pil.load()  # raises on truncated data
-                image = pil_to_rgb(pil)
+            crop = _crop(image, train_crop_box(*image.shape[-2:], self.size, generator))
+            return _flip_resize(crop, _coin(generator), self.size)
+        jpeg = jpeg_size(image)
+        if jpeg is None:
+            return self._decode_other(image, generator)
+        height, width = jpeg
+        box = train_crop_box(height, width, self.size, generator)
+        flip = _coin(generator)
+        scale = draft_scale(box[2], box[3], self.size)
+        # libjpeg's DCT scaling rounds sizes up
+        scaled = _scale_box(box, -(-height // scale) / height, -(-width // scale) / width)
+        crop = decode_jpeg_region(image, scaled, scale, (height, width), mirror=flip)
+        return resize_uint8(torch.from_numpy(crop).permute(2, 0, 1), self.size, self.size)
+
+    def _decode_other(self, data: bytes, generator: torch.Generator | None) -> Tensor:
+        """PNG, CMYK JPEGs and the rest, through PIL (JPEGs still at reduced size)."""
+        pil = Image.open(io.BytesIO(data))
+        width, height = pil.size
+        box = train_crop_box(height, width, self.size, generator)
+        flip = _coin(generator)
+        scale = draft_scale(box[2], box[3], self.size)
+        if scale > 1 and pil.format == "JPEG":
+            pil.draft("RGB", (width // scale, height // scale))
+        pil.load()  # raises on truncated data
+        image = pil_to_rgb(pil)
         box = _scale_box(box, image.shape[-2] / height, image.shape[-1] / width)
-        out = resize_uint8(_crop(image, box), self.size, self.size)
-        # Resampling is mirror-symmetric, so flipping the small output equals flipping the crop.
-        return out.flip(-1) if flip else out
+        return _flip_resize(_crop(image, box), flip, self.size)
+
+
+def _flip_resize(crop: Tensor, flip: bool, size: int) -> Tensor:
+    out = resize_uint8(crop, size, size)
+    # Resampling is mirror-symmetric, so flipping the small output equals flipping the crop
+    # (bit for bit; tested).
+    return out.flip(-1) if flip else out
 
 
 def _scale_box(box: Box, scale_y: float, scale_x: float) -> Box:
