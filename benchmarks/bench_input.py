@@ -347,6 +347,14 @@ def main() -> None:
             "exact_total / timm": round(median["exact_total"] / median["timm"], 2),
             "ours_total / exact_total": round(median["ours_total"] / median["exact_total"], 2),
         },
+        # each round's cases run back to back, so a ratio within a round is less exposed to
+        # a shared machine's slow and fast phases than the ratio of medians over rounds
+        "ratios_per_round_median": {
+            f"{a} / {b}": round(statistics.median(x / y for x, y in zip(rates[a], rates[b],
+                                                                        strict=True)), 2)
+            for a, b in (("ours_cpu", "timm"), ("ours_cpu_whole_decode", "timm"),
+                         ("ours_cpu", "ours_cpu_whole_decode"), ("ours_total", "timm"))
+        },
         **dev,
         **memory,
     }

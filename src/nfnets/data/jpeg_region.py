@@ -168,26 +168,19 @@ def _scaled(length: int, scale: int) -> int:
     return -(-length // scale)  # libjpeg's DCT scaling rounds sizes up
 
 
-def _columns(left: int, width: int, mirror: bool) -> slice:
-    if not mirror:
-        return slice(left, left + width)
-    return slice(left + width - 1, left - 1 if left > 0 else None, -1)
-
-
-def _decode_whole_and_crop(data: bytes, box: Box, scale: int, size: tuple[int, int],
-                           mirror: bool) -> np.ndarray:
+def _decode_whole_and_crop(data: bytes, box: Box, scale: int, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     whole = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=_scaled(height, scale),
                                    min_width=_scaled(width, scale), strict=True)
     top, left, h, w = box
-    return np.ascontiguousarray(whole[top : top + h, _columns(left, w, mirror)])
+    return np.ascontiguousarray(whole[top : top + h, left : left + w])
 
 
 def decode_jpeg_region(data: bytes, box: Box, scale: int = 1,
-                       size: tuple[int, int] | None = None, mirror: bool = False) -> np.ndarray:
+                       size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode ``box`` (top, left, height, width) of a JPEG decoded at 1/``scale`` size
     (1, 2, 4 or 8; the box is in that image's coordinates) to an H x W x 3 uint8 RGB array,
-    C-contiguous; ``mirror`` flips it left-right (free: the region is copied out anyway).
+    C-contiguous.
 
     ``size`` is the file's (height, width) when the caller has read the header. Equals the
     whole image's decode (simplejpeg, PIL's pixels) cropped to the box; decodes only what the
@@ -199,12 +192,12 @@ def decode_jpeg_region(data: bytes, box: Box, scale: int = 1,
         size = (height, width)
     lib = _library()[0]
     if lib is None or _handles.disabled:
-        return _decode_whole_and_crop(data, box, scale, size, mirror)
+        return _decode_whole_and_crop(data, box, scale, size)
     top, left, h, w = box
     scaled_w = _scaled(size[1], scale)
     handle = _decompressor(lib)
     if lib.tj3DecompressHeader(handle, data, len(data)) != 0:
-        return _decode_whole_and_crop(data, box, scale, size, mirror)  # raises if corrupt
+        return _decode_whole_and_crop(data, box, scale, size)  # raises if corrupt
     mcu = _MCU_WIDTH.get(lib.tj3Get(handle, _TJPARAM_SUBSAMP), 32)
     mcu = max(1, _scaled(mcu, scale))  # the iMCU width at this scale (TJSCALED)
     x0 = max(0, left - _CONTEXT) // mcu * mcu
@@ -216,8 +209,8 @@ def decode_jpeg_region(data: bytes, box: Box, scale: int = 1,
                                   _TJPF_RGB) != 0):
         # a file libturbojpeg refuses (corrupt, or a kind it does not crop): the whole-image
         # decoder raises for corrupt data and decodes the rest
-        return _decode_whole_and_crop(data, box, scale, size, mirror)
-    return np.ascontiguousarray(out[:, _columns(left - x0, w, mirror)])
+        return _decode_whole_and_crop(data, box, scale, size)
+    return np.ascontiguousarray(out[:, left - x0 : left - x0 + w])
 
 
 def jpeg_decoding() -> str:

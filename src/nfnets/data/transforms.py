@@ -234,8 +234,8 @@ class FastTrainTransform:
         scale = draft_scale(box[2], box[3], self.size)
         # libjpeg's DCT scaling rounds sizes up
         scaled = _scale_box(box, -(-height // scale) / height, -(-width // scale) / width)
-        crop = decode_jpeg_region(image, scaled, scale, (height, width), mirror=flip)
-        return resize_uint8(torch.from_numpy(crop).permute(2, 0, 1), self.size, self.size)
+        crop = decode_jpeg_region(image, scaled, scale, (height, width))
+        return _flip_resize(torch.from_numpy(crop).permute(2, 0, 1), flip, self.size)
 
     def _decode_other(self, data: bytes, generator: torch.Generator | None) -> Tensor:
         """PNG, CMYK JPEGs and the rest, through PIL (JPEGs still at reduced size)."""
@@ -255,7 +255,7 @@ class FastTrainTransform:
 def _flip_resize(crop: Tensor, flip: bool, size: int) -> Tensor:
     out = resize_uint8(crop, size, size)
     # Resampling is mirror-symmetric, so flipping the small output equals flipping the crop
-    # (bit for bit; tested).
+    # (bit for bit, tested) and copies a quarter of the bytes or less.
     return out.flip(-1) if flip else out
 
 
