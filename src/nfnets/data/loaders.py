@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 import torch
 from torch import Tensor
@@ -237,8 +238,11 @@ def worker_init(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: freeze the garbage collector's view of the objects the
     worker inherited. Otherwise the first collection in each worker walks the parent's whole
     heap, writing to every object's header, which copies those pages into the worker (tens
-    of MB per worker, measured in benchmarks/bench_input.py)."""
+    of MB per worker, measured in benchmarks/bench_input.py). And keep OpenCV (the fast
+    resize) on the worker's own thread, as PyTorch keeps its ops: its default pool, one
+    thread per core in every worker, would oversubscribe the cores the workers share."""
     gc.freeze()
+    cv2.setNumThreads(1)
 
 
 def train_loader(
