@@ -202,13 +202,28 @@ def resize_uint8(image: Tensor, height: int, width: int) -> Tensor:
     pixels repeated) with fixed-point arithmetic that stays within one level of the exact
     mode's float32 result rounded (tested), where PyTorch's uint8 kernel, which rounds and
     clamps between its two passes, is up to 14 levels off, and at twice its time
-    (docs/performance.md). Returns a channels-last 3 x height x width tensor.
+    (docs/performance.md). Returns a contiguous 3 x height x width tensor.
     """
-    array = image.permute(1, 2, 0).numpy()
+    return _to_chw(_resize_hwc(image.permute(1, 2, 0).numpy(), height, width))
+
+
+def _resize_hwc(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``resize_uint8`` on an H x W x 3 array (a decoded image's layout)."""
     if array.strides[1:] != (3, 1):  # OpenCV needs whole pixels in a row to be contiguous
         array = np.ascontiguousarray(array)
-    return torch.from_numpy(cv2.resize(array, (width, height), interpolation=cv2.INTER_CUBIC)
-                            ).permute(2, 0, 1)
+    return cv2.resize(array, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def _to_chw(array: np.ndarray, flip: bool = False) -> Tensor:
+    """H x W x 3 -> contiguous 3 x H x W, mirrored left-right when ``flip``.
+
+    Resampling is mirror-symmetric, so flipping the small output stands for flipping the crop
+    (within one level, tested). numpy's transposing copy costs half of PyTorch's here, and a
+    batch of channels-last images would cost ``torch.stack`` three times that.
+    """
+    if flip:
+        array = cv2.flip(array, 1)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 class FastTrainTransform:
@@ -228,7 +243,7 @@ class FastTrainTransform:
     def __call__(self, image: bytes | Tensor, generator: torch.Generator | None = None) -> Tensor:
         if isinstance(image, Tensor):
             crop = _crop(image, train_crop_box(*image.shape[-2:], self.size, generator))
-            return _flip_resize(crop, _coin(generator), self.size)
+            return _flip_resize(crop.permute(1, 2, 0).numpy(), _coin(generator), self.size)
         jpeg = jpeg_size(image)
         if jpeg is None:
             return self._decode_other(image, generator)
@@ -239,7 +254,7 @@ class FastTrainTransform:
         # libjpeg's DCT scaling rounds sizes up
         scaled = _scale_box(box, -(-height // scale) / height, -(-width // scale) / width)
         crop = decode_jpeg_region(image, scaled, scale, (height, width))
-        return _flip_resize(torch.from_numpy(crop).permute(2, 0, 1), flip, self.size)
+        return _flip_resize(crop, flip, self.size)
 
     def _decode_other(self, data: bytes, generator: torch.Generator | None) -> Tensor:
         """PNG, CMYK JPEGs and the rest, through PIL (JPEGs still at reduced size)."""
@@ -253,14 +268,12 @@ class FastTrainTransform:
         pil.load()  # raises on truncated data
         image = pil_to_rgb(pil)
         box = _scale_box(box, image.shape[-2] / height, image.shape[-1] / width)
-        return _flip_resize(_crop(image, box), flip, self.size)
+        return _flip_resize(_crop(image, box).permute(1, 2, 0).numpy(), flip, self.size)
 
 
-def _flip_resize(crop: Tensor, flip: bool, size: int) -> Tensor:
-    out = resize_uint8(crop, size, size)
-    # Resampling is mirror-symmetric, so flipping the small output equals flipping the crop
-    # (tested) and copies a quarter of the bytes or less.
-    return out.flip(-1) if flip else out
+def _flip_resize(crop: np.ndarray, flip: bool, size: int) -> Tensor:
+    """H x W x 3 crop -> 3 x size x size uint8, mirrored when ``flip``."""
+    return _to_chw(_resize_hwc(crop, size, size), flip)
 
 
 def _scale_box(box: Box, scale_y: float, scale_x: float) -> Box:
