@@ -1,11 +1,13 @@
 """The fast pipeline's uint8 bicubic resize against PyTorch's uint8 kernel.
 
-``resize_uint8`` (OpenCV's ``INTER_CUBIC``: a = -0.75, half-pixel centres, no antialias) against
-the baselines the fast mode used before: PyTorch's uint8 ``interpolate(mode="bicubic")`` on the
-crop as a strided view of the decoded image, and the same on a channels-last contiguous copy
-(which takes PyTorch's vectorised path; same pixels). Each case's deviation from the exact
-mode's float32 resize (clamped, rounded) is reported too. Crops are the official training
-crops (``train_crop_box``) of 500x375 / 375x500 photos, resized to S; one thread each.
+``resize_uint8`` (OpenCV's ``INTER_CUBIC``: a = -0.75, half-pixel centres, no antialias, then
+numpy's transposing copy to a contiguous 3 x S x S) against the baselines the fast mode used
+before: PyTorch's uint8 ``interpolate(mode="bicubic")`` on the crop as a strided view of the
+decoded image, and the same on a channels-last contiguous copy (which takes PyTorch's
+vectorised path, same pixels, and returns a contiguous 3 x S x S itself). Each case's
+deviation from the exact mode's float32 resize (clamped, rounded) is reported too. Crops are
+the official training crops (``train_crop_box``) of 500x375 / 375x500 photos, resized to S;
+one thread each.
 
 Usage::
 
