@@ -58,6 +58,10 @@ def test_digits_run_writes_the_run_directory(tmp_path, capsys):
                 "images_per_second", "skipped_images", "nonfinite_steps"):
         assert key in summary
     assert summary["steps"] == 2 * (1437 // 128) and summary["nonfinite_steps"] == 0
+    # the share of step time spent waiting for batches: in-process loading of tiny digits is
+    # a small part of a step, and the done line reports it
+    assert 0 < summary["input_wait_fraction"] < 0.5
+    assert "waiting for input" in printed
     assert summary["val_top1"] > 20  # learning happened (chance is 10%)
     # the reported figure is the final weights' accuracy on the held-out split, as
     # `nfnets eval RUN --data digits` measures it again from the files
@@ -68,6 +72,7 @@ def test_digits_run_writes_the_run_directory(tmp_path, capsys):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {x["kind"] for x in lines} == {"train", "val"}
     assert all(0 <= x["clip_fraction"] <= 1 for x in lines if x["kind"] == "train")
+    assert all(0 < x["input_wait_fraction"] < 1 for x in lines if x["kind"] == "train")
     assert len(list((out / "checkpoints").glob("step_*.pt"))) == 2
     checkpoint = torch.load(next((out / "checkpoints").glob("step_*.pt")), weights_only=True)
     assert {"model", "ema", "optimizer", "scheduler", "rng", "step"} <= set(checkpoint)
@@ -224,3 +229,18 @@ def test_tensorboard_logs_or_says_what_is_missing(tmp_path, capsys):
         assert "pip install tensorboard" in capsys.readouterr().err
     else:
         assert code == 0 and any((out / "tensorboard").iterdir())
+
+
+def test_timed_batches_add_up_the_time_spent_waiting():
+    import time
+
+    from nfnets.train import _TimedBatches
+
+    def slow():
+        for i in range(3):
+            time.sleep(0.02)
+            yield i
+
+    batches = _TimedBatches(slow())
+    assert list(batches) == [0, 1, 2]
+    assert 0.06 <= batches.waited < 1.0

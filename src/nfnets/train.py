@@ -313,9 +313,9 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
         sampler.set_epoch(epoch, skip_batches=state["batch_in_epoch"] * cfg.grad_accum)
         model.train()
         bar = log.progress(epoch, steps_per_epoch, state["batch_in_epoch"])
-        batches = iter(loader)
+        batches = _TimedBatches(iter(loader))
         for _ in range(state["batch_in_epoch"], steps_per_epoch):
-            step_start = time.time()
+            step_start, waited = time.time(), batches.waited
             loss, finite, skipped = _train_step(step_model, optimizer, batches, cfg, device,
                                                 scaler, world)
             state["skipped_images"] += skipped
@@ -335,7 +335,8 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
             optimizer.zero_grad(set_to_none=True)
             state["images"] += cfg.batch_size
             state["seconds"] = time.time() - start_time
-            log.step(state, loss, optimizer, bar, cfg.batch_size / (time.time() - step_start))
+            log.step(state, loss, optimizer, bar, time.time() - step_start,
+                     batches.waited - waited)
             # The epoch's last step is saved at the epoch's end (with its evaluation done).
             saved = _should_save(cfg, state) and state["batch_in_epoch"] < steps_per_epoch
             if saved:
@@ -378,6 +379,7 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
         "epochs": cfg.epochs, "steps": state["step"], "seconds": round(state["seconds"], 2),
         "images_per_second": round(state["images"] / max(state["seconds"], 1e-9), 2),
         "skipped_images": state["skipped_images"], "nonfinite_steps": state["nonfinite_steps"],
+        "input_wait_fraction": log.input_wait_fraction(),
     }
     if cfg.fsdp:  # gathered on every rank, written by rank 0
         model, ema = _gathered_copies(model, ema, cfg, len(train_set.classes))
@@ -386,6 +388,26 @@ def _train(cfg: TrainConfig, resume, applied: dict[str, tuple[Any, Any]], rank: 
     del step_model, ddp_model
     _teardown(world)
     return summary
+
+
+class _TimedBatches:
+    """The loader's iterator, adding up how long the loop waits for it (``waited``, seconds).
+
+    A step that mostly waits is fed too slowly: add workers (docs/data.md, workers per GPU).
+    """
+
+    def __init__(self, iterator) -> None:
+        self.iterator, self.waited = iterator, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.waited += time.perf_counter() - start
 
 
 def _train_step(model: nn.Module, optimizer, batches, cfg: TrainConfig,
@@ -1081,6 +1103,8 @@ class _Logger:
         self.out, self.cfg, self.active = out, cfg, active
         self.writer = None
         self.loss_sum, self.loss_count = 0.0, 0
+        self.since_log = [0.0, 0.0, 0]  # step seconds, input wait, steps since the last log
+        self.run_time = [0.0, 0.0]  # the same since this process started
 
     def start(self, cfg: TrainConfig, model, train_set, val_set, resumed: bool,
               applied: dict[str, tuple[Any, Any]], at_step: int) -> None:
@@ -1164,23 +1188,37 @@ class _Logger:
                     unit="step", leave=False, dynamic_ncols=True, file=sys.stderr,
                     disable=None)
 
-    def step(self, state: dict, loss: float, optimizer, bar, images_per_second: float) -> None:
+    def step(self, state: dict, loss: float, optimizer, bar, seconds: float,
+             input_wait: float) -> None:
+        """One step took ``seconds``, of which ``input_wait`` waiting for its batch."""
         if math.isfinite(loss):
             self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
+        self.since_log = [self.since_log[0] + seconds, self.since_log[1] + input_wait,
+                          self.since_log[2] + 1]
+        self.run_time = [self.run_time[0] + seconds, self.run_time[1] + input_wait]
         bar.update(1)
         if not self.active or state["step"] % self.cfg.log_every:
             return
+        total, waited, steps = self.since_log
+        self.since_log = [0.0, 0.0, 0]
+        images_per_second = steps * self.cfg.batch_size / max(total, 1e-9)
+        wait = waited / max(total, 1e-9)
         # Reading the clip count waits for the device, so only at logging steps.
         stats = optimizer.last_stats
         clip = float(stats.fraction) if stats is not None and stats.units else 0.0
         lr = optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_second:.1f}",
-                        clip=f"{clip:.3f}", refresh=False)
+                        clip=f"{clip:.3f}", wait=f"{wait:.0%}", refresh=False)
         record = {"kind": "train", "step": state["step"], "epoch": state["epoch"],
                   "loss": loss if math.isfinite(loss) else None, "lr": lr,
                   "clip_fraction": clip, "images_per_second": round(images_per_second, 2),
-                  "seconds": round(state["seconds"], 2)}
+                  "input_wait_fraction": round(wait, 4), "seconds": round(state["seconds"], 2)}
         self._write(record)
+
+    def input_wait_fraction(self) -> float | None:
+        """Share of this process's step time spent waiting for batches (None before a step)."""
+        total, waited = self.run_time
+        return round(waited / total, 4) if total > 0 else None
 
     def epoch(self, epoch: int, state: dict, val: dict) -> None:
         train_loss = self.loss_sum / self.loss_count if self.loss_count else None
@@ -1227,9 +1265,10 @@ class _Logger:
         self.close()
         print(f"nfnets: done. val top-1 {_fmt(summary['val_top1'], 2)}%, EMA top-1 "
               f"{_fmt(summary['val_top1_ema'], 2)}%, {summary['steps']} steps in "
-              f"{summary['seconds']:.0f}s, {summary['skipped_images']} unreadable images "
-              f"skipped, {summary['nonfinite_steps']} non-finite steps skipped. Run "
-              f"directory: {self.out}")
+              f"{summary['seconds']:.0f}s{_wait_note(summary['input_wait_fraction'])}, "
+              f"{summary['skipped_images']} unreadable images skipped, "
+              f"{summary['nonfinite_steps']} non-finite steps skipped. Run directory: "
+              f"{self.out}")
         if plots:
             print(f"nfnets: plots: {', '.join(str(p) for p in plots)}")
 
@@ -1248,6 +1287,15 @@ def _digits_changes(cfg: TrainConfig) -> dict[str, str]:
                            f"{cfg.warmup_epochs} warm-up epochs (recipe: 360 epochs, batch "
                            "4096, lr 1.6, 5 warm-up epochs)")
     return changes
+
+
+def _wait_note(fraction: float | None) -> str:
+    if fraction is None:
+        return ""
+    note = f" ({fraction:.0%} of it waiting for input"
+    if fraction > 0.1:  # the loader, not the model, set the pace
+        note += "; more --num-workers would help, docs/data.md"
+    return note + ")"
 
 
 class _NoBar:
