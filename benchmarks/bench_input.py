@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import platform
 import statistics
@@ -60,6 +59,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
+from report import save_result
 
 from nfnets.augment import AugmentConfig
 from nfnets.data import (
@@ -72,7 +72,6 @@ from nfnets.data import (
     whole_image_decoding,
     worker_init,
 )
-from nfnets.files import atomic_write
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
           "coins", "camera", "cat", "retina")  # greys are converted to RGB
@@ -367,10 +366,7 @@ def main() -> None:
         **dev,
         **memory,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text + "\n"))
+    save_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Prints a JSON object and writes it to ``--out``. Needs scikit-image (the photos)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,9 +28,9 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as nnf
+from report import save_result
 
 from nfnets.data import resize_uint8, train_crop_box
-from nfnets.files import atomic_write
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,10 +116,7 @@ def main() -> None:
         "speedup": {f"opencv vs {name}": round(median[name] / median["opencv"], 2)
                     for name in cases if name != "opencv"},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text + "\n"))
+    save_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 from pathlib import Path
 
 import torch
+
+from nfnets.files import atomic_write
 
 
 def machine_info(device: torch.device) -> dict:
@@ -50,3 +53,12 @@ def update_doc(path: Path, name: str, text: str) -> None:
         doc = doc.rstrip("\n") + f"\n\n{block}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(doc)
+
+
+def save_result(path: Path, result: dict) -> None:
+    """Print a benchmark's JSON result and write it to ``path`` atomically (a stopped run
+    leaves the previous file whole)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
