@@ -183,6 +183,14 @@ def test_a_header_claiming_huge_dimensions_is_refused_before_decoding():
         jpeg_size(bytes(data))
 
 
+def test_bytearrays_and_memoryviews_decode_like_bytes():
+    data = _jpeg(60, 80)
+    box = (3, 5, 40, 50)
+    expected = _reference(data, box, 1)
+    for view in (bytearray(data), memoryview(data)):
+        np.testing.assert_array_equal(decode_jpeg_region(view, box), expected)
+
+
 @needs_turbo
 def test_threads_use_their_own_decompressors():
     files = [_jpeg(100, 140, seed=s) for s in range(4)]

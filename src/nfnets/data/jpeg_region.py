@@ -34,6 +34,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from .decode import check_pixels
+
 try:
     import simplejpeg
 except ImportError:  # pragma: no cover - simplejpeg is a dependency; PIL decodes otherwise
@@ -185,11 +187,13 @@ def decode_jpeg_region(data: bytes, box: Box, scale: int = 1,
     ``size`` is the file's (height, width) when the caller has read the header. Equals the
     whole image's decode (simplejpeg, PIL's pixels) cropped to the box; decodes only what the
     box needs when libjpeg-turbo 3 is available (``turbojpeg_library``). Corrupt or truncated
-    data raises ``ValueError``.
+    data raises ``ValueError``, and so does an image over the size limit (``check_pixels``).
     """
+    data = bytes(data)  # ctypes passes bytes without a copy; memoryviews and bytearrays copy
     if size is None:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         size = (height, width)
+    check_pixels(*size)
     lib = _library()[0]
     if lib is None or _handles.disabled:
         return _decode_whole_and_crop(data, box, scale, size)

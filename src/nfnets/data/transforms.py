@@ -201,8 +201,8 @@ def resize_uint8(image: Tensor, height: int, width: int) -> Tensor:
     OpenCV's ``INTER_CUBIC``: the exact mode's kernel (a = -0.75, half-pixel centres, edge
     pixels repeated) with fixed-point arithmetic that stays within one level of the exact
     mode's float32 result rounded (tested), where PyTorch's uint8 kernel, which rounds and
-    clamps between its two passes, is up to 14 levels off, and at twice its time
-    (docs/performance.md). Returns a contiguous 3 x height x width tensor.
+    clamps between its two passes, is up to 12 levels off, and slower (docs/performance.md).
+    Returns a contiguous 3 x height x width tensor.
     """
     return _to_chw(_resize_hwc(image.permute(1, 2, 0).numpy(), height, width))
 
