@@ -320,6 +320,20 @@ def test_loaders_freeze_the_gc_in_workers(tmp_path):
     loader, _ = train_loader(train, batch_size=2, augment=AugmentConfig(), num_workers=1)
     assert loader.worker_init_fn is worker_init
     assert eval_loader(val, batch_size=2, num_workers=1).worker_init_fn is worker_init
+    # and keep OpenCV (the fast resize) on the worker's thread
+    threads = torch.utils.data.DataLoader(_CvThreads(), num_workers=1, batch_size=None,
+                                          worker_init_fn=worker_init)
+    assert list(threads) == [1]
+
+
+class _CvThreads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        import cv2
+
+        return cv2.getNumThreads()
 
 
 def test_resize_uint8_is_within_one_level_of_the_exact_resize():
