@@ -218,8 +218,8 @@ def _to_chw(array: np.ndarray, flip: bool = False) -> Tensor:
     """H x W x 3 -> contiguous 3 x H x W, mirrored left-right when ``flip``.
 
     Resampling is mirror-symmetric, so flipping the small output stands for flipping the crop
-    (within one level, tested). numpy's transposing copy costs half of PyTorch's here, and a
-    batch of channels-last images would cost ``torch.stack`` three times that.
+    (within one level, tested). The samples leave contiguous, so collating them is a plain
+    copy rather than ``torch.stack`` gathering channels-last views.
     """
     if flip:
         array = cv2.flip(array, 1)
